@@ -1,0 +1,34 @@
+# Two commands do everything on a fresh machine:
+#   make demo   -> installs into .venv, writes the synthetic dataset, runs the main job
+#   make test   -> installs into .venv, runs the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ANOSEG := $(VENV)/bin/anoseg
+STAMP := $(VENV)/.install-stamp
+DATA ?= results/data/synthetic
+
+.PHONY: install demo demo-data test test-fast clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo-data: $(STAMP)
+	@if [ -d "$(DATA)" ]; then echo "dataset already at $(DATA)"; else $(ANOSEG) data synth $(DATA); fi
+
+demo: demo-data
+	$(ANOSEG) evaluate --config configs/patchcore_lite0.yaml --data $(DATA) --json results/demo/patchcore_lite0.json
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+clean:
+	rm -rf $(VENV) results/data results/demo

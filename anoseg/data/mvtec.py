@@ -1,0 +1,167 @@
+"""Loader for datasets in the MVTec AD layout.
+
+```
+<root>/<category>/train/good/*.png
+<root>/<category>/test/good/*.png
+<root>/<category>/test/<defect>/<id>.png
+<root>/<category>/ground_truth/<defect>/<id>_mask.png
+```
+Any category folder in this layout works (a user's own product too). Images are
+returned as float tensors in [0, 1], resized to a square `size`; masks are
+resized with nearest neighbour. Normalisation belongs to the backbone.
+"""
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from anoseg.errors import DataError
+
+MVTEC_CATEGORIES = (
+    "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
+    "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
+)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+GOOD = "good"
+
+
+@dataclass
+class TestSplit:
+    """The test images of one category with their ground truth."""
+
+    images: torch.Tensor  # (N, 3, S, S) float in [0, 1]
+    masks: torch.Tensor  # (N, S, S) bool
+    labels: np.ndarray  # (N,) 1 = defective
+    defect_types: list[str]
+    paths: list[Path]
+
+
+def _root(root: str | Path) -> Path:
+    path = Path(root)
+    if not path.is_dir():
+        raise DataError(f"dataset root {path} does not exist or is not a folder")
+    return path
+
+
+def list_categories(root: str | Path) -> list[str]:
+    """Every folder under `root` that holds `train/good`, sorted by name."""
+    return sorted(p.name for p in _root(root).iterdir() if (p / "train" / GOOD).is_dir())
+
+
+def resolve_categories(root: str | Path, categories: Sequence[str] | str | None = None) -> list[str]:
+    """Validate a category selection; None, "all" or empty means every category under `root`."""
+    available = list_categories(root)
+    if isinstance(categories, str):
+        categories = [c.strip() for c in categories.split(",") if c.strip()]
+    if not categories or list(categories) == ["all"]:
+        if not available:
+            raise DataError(f"no category folder with train/good under {root} (expected the MVTec AD layout)")
+        return available
+    missing = [c for c in categories if c not in available]
+    if missing:
+        raise DataError(
+            f"category {', '.join(missing)} not found under {root}; available: {', '.join(available) or 'none'}"
+        )
+    return list(dict.fromkeys(categories))
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _open(path: Path, mode: str) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            return img.convert(mode)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"cannot read image {path}: {exc}") from None
+
+
+def _read_image(path: Path, size: int) -> np.ndarray:
+    img = _open(path, "RGB").resize((size, size), Image.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def _read_mask(path: Path, image_path: Path, size: int) -> np.ndarray:
+    mask = _open(path, "L")
+    with Image.open(image_path) as img:
+        if img.size != mask.size:
+            raise DataError(f"mask {path} is {mask.size[0]}x{mask.size[1]} but its image {image_path} is {img.size[0]}x{img.size[1]}")
+    return np.asarray(mask.resize((size, size), Image.NEAREST)) > 0
+
+
+def _to_tensor(arrays: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def _read_all(paths: list[Path], size: int) -> torch.Tensor:
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return _to_tensor(list(pool.map(lambda p: _read_image(p, size), paths)))
+
+
+def _category_dir(root: str | Path, category: str) -> Path:
+    folder = _root(root) / category
+    if not folder.is_dir():
+        raise DataError(f"category {category!r} not found under {root}; available: {', '.join(list_categories(root)) or 'none'}")
+    return folder
+
+
+def load_train(root: str | Path, category: str, size: int) -> torch.Tensor:
+    """The defect-free training images of `category`, (N, 3, size, size) in [0, 1]."""
+    folder = _category_dir(root, category) / "train" / GOOD
+    if not folder.is_dir():
+        raise DataError(f"{folder} is missing: every category needs train/good with defect-free images")
+    paths = _image_files(folder)
+    if not paths:
+        raise DataError(f"the training set {folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
+    return _read_all(paths, size)
+
+
+def load_test(root: str | Path, category: str, size: int) -> TestSplit:
+    """Test images with masks (empty for good images), labels and defect types."""
+    cat_dir = _category_dir(root, category)
+    test_dir = cat_dir / "test"
+    if not test_dir.is_dir():
+        raise DataError(f"{test_dir} is missing: every category needs a test folder")
+    paths: list[Path] = []
+    defect_types: list[str] = []
+    mask_paths: list[Path | None] = []
+    for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+        for image_path in _image_files(defect_dir):
+            paths.append(image_path)
+            defect_types.append(defect_dir.name)
+            if defect_dir.name == GOOD:
+                mask_paths.append(None)
+                continue
+            mask_path = cat_dir / "ground_truth" / defect_dir.name / f"{image_path.stem}_mask.png"
+            if not mask_path.is_file():
+                raise DataError(f"defect image {image_path} has no mask: expected {mask_path}")
+            mask_paths.append(mask_path)
+    if not paths:
+        raise DataError(f"the test set {test_dir} has no images")
+    images = _read_all(paths, size)
+    masks = np.stack([
+        np.zeros((size, size), bool) if m is None else _read_mask(m, p, size)
+        for m, p in zip(mask_paths, paths)
+    ])
+    labels = np.array([int(d != GOOD) for d in defect_types])
+    return TestSplit(images, torch.from_numpy(masks), labels, defect_types, paths)
+
+
+def category_fingerprint(root: str | Path, category: str) -> str:
+    """A content hash of every file of a category: equal data gives an equal fingerprint on any node."""
+    cat_dir = _category_dir(root, category)
+    digest = hashlib.blake2b(digest_size=16)
+    for path in sorted(p for p in cat_dir.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(cat_dir).as_posix().encode() + b"\0")
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()

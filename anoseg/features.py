@@ -1,0 +1,63 @@
+"""Feature extraction: backbone layers -> one (N, C, H, W) map on a common grid."""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """"auto" picks CUDA when present; an explicit "cuda" without a GPU is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        from anoseg.errors import ConfigError
+
+        raise ConfigError(f"device {name!r} requested but no CUDA GPU is available; use device: auto or cpu")
+    return torch.device(name)
+
+
+@torch.inference_mode()
+def extract_layers(
+    backbone: torch.nn.Module,
+    images: torch.Tensor,
+    batch_size: int = 16,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """Run `backbone` over images (N, 3, H, W) in [0, 1]; returns {layer: (N, C, h, w)} on `device`.
+
+    The backbone's own mean/std normalisation is applied here, batch by batch.
+    """
+    mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(backbone.std, device=device).view(1, 3, 1, 1)
+    chunks: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, len(images), batch_size):
+        batch = (images[start:start + batch_size].to(device, non_blocking=True) - mean) / std
+        for layer, fmap in backbone(batch).items():
+            chunks.setdefault(layer, []).append(fmap.to(dtype))
+    return {layer: torch.cat(parts) for layer, parts in chunks.items()}
+
+
+def combine_layers(
+    layer_maps: Mapping[str, torch.Tensor],
+    layers: Sequence[str] | None = None,
+    patch_size: int = 1,
+) -> torch.Tensor:
+    """Concatenate layers on the grid of the finest one (bilinear resize).
+
+    `patch_size` > 1 first averages every position over its patch_size x
+    patch_size neighbourhood (PatchCore's locally aware patch features).
+    """
+    layers = list(layers or layer_maps)
+    grid = max((layer_maps[name].shape[-2:] for name in layers), key=lambda s: s[0] * s[1])
+    parts = []
+    for name in layers:
+        fmap = layer_maps[name].float()
+        if patch_size > 1:
+            fmap = F.avg_pool2d(fmap, patch_size, stride=1, padding=patch_size // 2, count_include_pad=False)
+        if fmap.shape[-2:] != grid:
+            fmap = F.interpolate(fmap, size=tuple(grid), mode="bilinear", align_corners=False)
+        parts.append(fmap)
+    return torch.cat(parts, dim=1)

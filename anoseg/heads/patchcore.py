@@ -1,0 +1,115 @@
+"""PatchCore (Roth et al. 2022): a coreset memory bank of locally aware patch features.
+
+Features arrive already averaged over a `patch_size` neighbourhood. The memory
+bank is a greedy k-center coreset chosen in a random projection; a test patch
+scores its mean distance to the `k` nearest bank entries, and the image score is
+the largest patch score re-weighted by how isolated its nearest entry is.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from anoseg.heads.base import Head, check_param, is_int, is_number, register_head
+
+CHUNK = 4096  # rows per distance block: bounds memory at CHUNK x bank size
+
+
+def pairwise_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances (len(a), len(b)) via the matmul expansion, clamped at 0."""
+    d2 = a.square().sum(1, keepdim=True) - 2 * a @ b.T + b.square().sum(1)[None]
+    return d2.clamp_min_(0).sqrt_()
+
+
+def knn(queries: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distances and indices of the k nearest bank rows for every query, computed in chunks."""
+    dists, idx = [], []
+    for start in range(0, len(queries), CHUNK):
+        d, i = pairwise_distances(queries[start:start + CHUNK], bank).topk(k, dim=1, largest=False)
+        dists.append(d)
+        idx.append(i)
+    return torch.cat(dists), torch.cat(idx)
+
+
+def greedy_coreset(x: torch.Tensor, n: int, projection_dim: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices of `n` rows of x chosen by greedy k-center selection in a random projection."""
+    if x.shape[1] > projection_dim:
+        proj = torch.randn(x.shape[1], projection_dim, generator=generator).to(x.device) / projection_dim**0.5
+        x = x @ proj
+    selected = torch.empty(n, dtype=torch.long)
+    current = int(torch.randint(len(x), (1,), generator=generator))
+    min_dist = torch.full((len(x),), float("inf"), device=x.device)
+    sq_norms = x.square().sum(1)
+    for i in range(n):
+        selected[i] = current
+        d2 = sq_norms - 2 * (x @ x[current]) + sq_norms[current]
+        torch.minimum(min_dist, d2, out=min_dist)
+        current = int(min_dist.argmax())
+    return selected
+
+
+@register_head("patchcore")
+class PatchCore(Head):
+    def __init__(
+        self,
+        coreset_ratio: float = 0.1,
+        k: int = 1,
+        reweight_neighbours: int = 9,
+        patch_size: int = 3,
+        projection_dim: int = 128,
+        seed: int = 0,
+    ):
+        check_param("patchcore", "coreset_ratio", coreset_ratio, is_number(coreset_ratio) and 0 < coreset_ratio <= 1, "a number in (0, 1]")
+        check_param("patchcore", "k", k, is_int(k) and 1 <= k <= 64, "an integer in [1, 64]")
+        check_param("patchcore", "reweight_neighbours", reweight_neighbours, is_int(reweight_neighbours) and 0 <= reweight_neighbours <= 64, "an integer in [0, 64] (0 turns re-weighting off)")
+        check_param("patchcore", "patch_size", patch_size, is_int(patch_size) and patch_size in (1, 3, 5, 7), "one of 1, 3, 5, 7")
+        check_param("patchcore", "projection_dim", projection_dim, is_int(projection_dim) and projection_dim >= 8, "an integer >= 8")
+        check_param("patchcore", "seed", seed, is_int(seed) and seed >= 0, "a non-negative integer")
+        self.coreset_ratio = float(coreset_ratio)
+        self.k = k
+        self.reweight_neighbours = reweight_neighbours
+        self.patch_size = patch_size
+        self.projection_dim = projection_dim
+        self.seed = seed
+        self.memory_bank: torch.Tensor | None = None
+
+    @staticmethod
+    def _patches(features: torch.Tensor) -> torch.Tensor:
+        return features.float().permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+
+    def fit(self, features: torch.Tensor) -> None:
+        self._check_features(features)
+        patches = self._patches(features)
+        n = max(1, min(len(patches), round(self.coreset_ratio * len(patches))))
+        if n < len(patches):
+            generator = torch.Generator().manual_seed(self.seed)
+            patches = patches[greedy_coreset(patches, n, self.projection_dim, generator).to(patches.device)]
+        self.memory_bank = patches.contiguous()
+
+    def score(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_features(features)
+        if self.memory_bank is None:
+            raise RuntimeError("patchcore: score() before fit()")
+        n, _, h, w = features.shape
+        bank = self.memory_bank.to(features.device)
+        patches = self._patches(features)
+        k = min(self.k, len(bank))
+        dists, idx = knn(patches, bank, k)
+        patch_scores = dists.mean(1).reshape(n, h * w)
+        image_scores, argmax = patch_scores.max(dim=1)
+        b = min(self.reweight_neighbours, len(bank))
+        if b > 1:
+            rows = torch.arange(n, device=patches.device) * (h * w) + argmax
+            worst = patches[rows]  # (n, C): the most anomalous patch of each image
+            nearest = bank[idx[rows, 0]]  # its nearest bank entry m*
+            _, support = knn(nearest, bank, b)  # m* and its neighbours in the bank
+            d = torch.linalg.vector_norm(worst[:, None] - bank[support], dim=2)
+            image_scores = image_scores * (1 - torch.softmax(d, dim=1)[:, 0])
+        return patch_scores.reshape(n, h, w), image_scores
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"memory_bank": self.memory_bank}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.memory_bank = state["memory_bank"]

@@ -1,0 +1,1 @@
+"""anoseg search orchestrator (Ray Tune + Optuna); anoseg itself never imports this package."""

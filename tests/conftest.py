@@ -1,0 +1,40 @@
+"""Shared fixtures: a tiny hand-made MVTec-layout dataset and the synthetic dataset."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def write_png(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+@pytest.fixture
+def tiny_mvtec(tmp_path: Path) -> Path:
+    """One category 'widget': 3 train, 2 good test, 2 'crack' test images with masks, 40x40."""
+    rng = np.random.default_rng(0)
+    cat = tmp_path / "widget"
+    for i in range(3):
+        write_png(cat / "train" / "good" / f"{i:03d}.png", rng.integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    for i in range(2):
+        write_png(cat / "test" / "good" / f"{i:03d}.png", rng.integers(0, 255, (40, 40, 3), dtype=np.uint8))
+        write_png(cat / "test" / "crack" / f"{i:03d}.png", rng.integers(0, 255, (40, 40), dtype=np.uint8))  # grayscale
+        mask = np.zeros((40, 40), np.uint8)
+        mask[10:20, 10 + i:20 + i] = 255
+        write_png(cat / "ground_truth" / "crack" / f"{i:03d}_mask.png", mask)
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic dataset at 128 px, small enough for fast tests."""
+    from anoseg.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("synthetic")
+    generate(root, seed=0, image_size=128, n_train=12, n_test_good=4, n_test_per_defect=2)
+    return root

@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from anoseg.errors import ConfigError
+from anoseg.heads import HEADS, anomaly_maps, create_head, head_defaults
+from anoseg.heads.patchcore import greedy_coreset
+
+
+def normal_features(n=20, c=8, h=4, w=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, c, h, w, generator=g)
+
+
+def test_registry_lists_heads_with_defaults():
+    assert {"padim", "patchcore"} <= set(HEADS)
+    assert head_defaults("patchcore")["coreset_ratio"] == 0.1
+
+
+@pytest.mark.parametrize(
+    "name, params, message",
+    [
+        ("nope", {}, "head 'nope' is unknown; allowed: .*padim"),
+        ("patchcore", {"coreset": 0.1}, "no setting coreset; allowed: coreset_ratio"),
+        ("patchcore", {"coreset_ratio": 2.0}, "coreset_ratio must be a number in \\(0, 1\\]"),
+        ("patchcore", {"k": 0}, "k must be an integer"),
+        ("padim", {"n_features": 1.5}, "n_features must be an integer"),
+        ("padim", {"epsilon": -1}, "epsilon must be"),
+    ],
+)
+def test_bad_head_settings_are_clear(name, params, message):
+    with pytest.raises(ConfigError, match=message):
+        create_head(name, **params)
+
+
+def test_padim_matches_naive_mahalanobis():
+    train, test = normal_features(), normal_features(n=3, seed=1)
+    head = create_head("padim", n_features=6, epsilon=0.01, seed=3)
+    head.fit(train)
+    maps, image_scores = head.score(test)
+    assert image_scores is None and maps.shape == (3, 4, 5)
+    idx = head.channels.numpy()
+    x = train.numpy()[:, idx]
+    t = test.numpy()[:, idx]
+    for i, j in [(0, 0), (2, 3), (3, 4)]:
+        v = x[:, :, i, j]
+        cov = np.cov(v, rowvar=False) + 0.01 * np.eye(len(idx))
+        diff = t[:, :, i, j] - v.mean(0)
+        expected = np.sqrt(np.einsum("nd,de,ne->n", diff, np.linalg.inv(cov), diff))
+        np.testing.assert_allclose(maps[:, i, j].numpy(), expected, rtol=1e-4)
+
+
+def test_padim_scores_shifted_features_higher():
+    head = create_head("padim", n_features=8)
+    head.fit(normal_features(n=40))
+    test = normal_features(n=2, seed=5)
+    test[1, :, 2, 2] += 6.0
+    maps, _ = head.score(test)
+    assert maps[1, 2, 2] > 3 * maps[0].max()
+
+
+def test_greedy_coreset_is_k_center():
+    x = torch.randn(200, 4, generator=torch.Generator().manual_seed(0))
+    idx = greedy_coreset(x, 10, projection_dim=128, generator=torch.Generator().manual_seed(1))
+    assert len(set(idx.tolist())) == 10
+    # every next pick is the point farthest from those picked before it
+    for i in range(1, 10):
+        d = torch.cdist(x, x[idx[:i]]).min(1).values
+        assert torch.isclose(d[idx[i]], d.max())
+
+
+def test_patchcore_scores_equal_brute_force_nearest_neighbour():
+    train, test = normal_features(n=10), normal_features(n=3, seed=2)
+    head = create_head("patchcore", coreset_ratio=0.25, k=1, reweight_neighbours=0)
+    head.fit(train)
+    assert head.memory_bank.shape == (50, 8)  # 25% of 10*4*5 patches
+    maps, image_scores = head.score(test)
+    patches = test.permute(0, 2, 3, 1).reshape(-1, 8)
+    expected = torch.cdist(patches, head.memory_bank).min(1).values.reshape(3, 4, 5)
+    torch.testing.assert_close(maps, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(image_scores, expected.flatten(1).max(1).values)
+
+
+def test_patchcore_reweighting_follows_the_paper():
+    train, test = normal_features(n=10), normal_features(n=2, seed=2)
+    head = create_head("patchcore", coreset_ratio=0.5, k=1, reweight_neighbours=3)
+    head.fit(train)
+    maps, image_scores = head.score(test)
+    bank = head.memory_bank
+    for n in range(2):
+        patches = test[n].permute(1, 2, 0).reshape(-1, 8)
+        d = torch.cdist(patches, bank)
+        worst = d.min(1).values.argmax()
+        s_star, m_star = d[worst].min(0)
+        support = torch.cdist(bank[m_star][None], bank)[0].topk(3, largest=False).indices
+        dist = torch.linalg.vector_norm(patches[worst] - bank[support], dim=1)
+        weight = 1 - torch.exp(dist[0]) / torch.exp(dist).sum()
+        torch.testing.assert_close(image_scores[n], weight * s_star, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["padim", "patchcore"])
+def test_state_dict_round_trip_gives_identical_scores(name):
+    head = create_head(name)
+    head.fit(normal_features(n=12))
+    state = head.state_dict()
+    clone = create_head(name)
+    clone.load_state_dict(state)
+    test = normal_features(n=2, seed=9)
+    a, b = head.score(test), clone.score(test)
+    assert torch.equal(a[0], b[0])
+
+
+def test_anomaly_maps_upsample_and_smooth():
+    patch = torch.zeros(1, 8, 8)
+    patch[0, 4, 4] = 1.0
+    maps = anomaly_maps(patch, 64)
+    assert maps.shape == (1, 64, 64)
+    assert maps[0].argmax() // 64 in range(30, 40)  # peak stays around the centre
+    assert float(maps.max()) < 1.0  # smoothing spreads the peak
