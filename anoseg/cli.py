@@ -1,10 +1,16 @@
-"""The `anoseg` command line: data, backbones, heads, evaluate."""
+"""The `anoseg` command line: data, backbones, heads, evaluate, plus command groups from plugins.
+
+Other packages add command groups through the `anoseg.commands` entry point
+(a function taking the sub-parser collection); that is how `search` plugs in
+without `anoseg` importing it.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 from pathlib import Path
+from importlib.metadata import entry_points
 from typing import Any, Sequence
 
 from anoseg.errors import AnosegError
@@ -138,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", help="also write the results as JSON to this file")
     ev.add_argument("--device", help="override the config's device (auto, cpu, cuda)")
     ev.set_defaults(func=cmd_evaluate)
+
+    for entry in entry_points(group="anoseg.commands"):
+        entry.load()(sub)
     return parser
 
 

@@ -83,7 +83,8 @@ def run_trial(
     """Evaluate `config` on each category in order, calling `report(metrics, step)` after each.
 
     `metrics` holds the running means over the categories done so far, the
-    finished category's own metrics as `<category>/<metric>`, and `category`;
+    finished category's own metrics as `<category>/<metric>`, `category`,
+    `categories_done` and the peak memory so far (`peak_rss_mb`, `peak_gpu_mb`);
     `step` is the number of categories done (the fidelity unit for ASHA).
     Returns {"config", "weights", "pretrained", "categories": {name: metrics}, "mean", "peak_memory"}.
     """
@@ -101,7 +102,8 @@ def run_trial(
         if report is not None:
             running = mean_metrics(per_category)
             done = {f"{category}/{k}": v for k, v in per_category[category].items()}
-            report({**running, **done, "category": category, "categories_done": step}, step)
+            memory = peak_memory_mb(device)
+            report({**running, **done, **memory, "category": category, "categories_done": step}, step)
     return {
         "config": cfg.to_dict(),
         "weights": backbone.weights,

@@ -1,0 +1,56 @@
+"""`anoseg search run | status | resume`, plugged into the anoseg CLI through an entry point."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from search.runner import start_search, summary
+
+    run = start_search(args.space, data=args.data, name=args.name, results=args.results, address=args.address)
+    print(summary(run))
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from search.runner import resume_search, summary
+
+    run = resume_search(args.run, address=args.address)
+    print(summary(run))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from search.run_dir import RunDir
+    from search.runner import summary
+
+    print(summary(RunDir.open(args.run)))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the `search` command group to the anoseg CLI."""
+    search = sub.add_parser("search", help="architecture / hyper-parameter search with Ray Tune + Optuna")
+    commands = search.add_subparsers(dest="search_command", required=True)
+
+    run = commands.add_parser("run", help="start a search from a space file")
+    run.add_argument("space", help="search space YAML, e.g. spaces/quick.yaml")
+    run.add_argument("--data", help="dataset root (overrides dataset.root of the space)")
+    run.add_argument("--name", help="run name: results go to <results>/<name>/ (default: the space's name)")
+    run.add_argument("--results", default="results", help="folder holding run folders (default: results)")
+    run.add_argument("--address", help="Ray cluster address (e.g. auto); default: an embedded Ray on this machine")
+    run.set_defaults(func=cmd_run)
+
+    status = commands.add_parser("status", help="trials done / running / failed and the best so far")
+    status.add_argument("run", help="run folder, e.g. results/quick")
+    status.set_defaults(func=cmd_status)
+
+    resume = commands.add_parser("resume", help="continue a killed or interrupted search")
+    resume.add_argument("run", help="run folder, e.g. results/quick")
+    resume.add_argument("--address", help="Ray cluster address (default: the one the run started with)")
+    resume.set_defaults(func=cmd_resume)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use: anoseg search ...")

@@ -1,0 +1,183 @@
+"""A search's run folder: metadata, one record per trial, and the collated trial table.
+
+```
+results/<name>/
+  run.json         data root, category order, objectives, address, times
+  space.yaml       the space file as run
+  optuna.db        the Optuna study (unless the space names another storage)
+  tune/            Ray Tune's experiment (restored by `resume`)
+  trials/<id>.json one record per trial, rewritten as it progresses (atomic)
+  trials.parquet   the collated table (+ trials.csv), rewritten after every trial
+```
+Nothing here imports Ray: records are plain JSON written by the driver.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import pandas as pd
+
+from anoseg.errors import AnosegError
+from anoseg.trial import COST_KEYS, METRIC_KEYS
+
+RUN_FILE = "run.json"
+SPACE_FILE = "space.yaml"
+TRIALS_DIR = "trials"
+TABLE_FILE = "trials.parquet"
+CSV_FILE = "trials.csv"
+TUNE_DIR = "tune"
+STUDY_FILE = "optuna.db"
+
+# Trial statuses in records and the table.
+RUNNING, COMPLETED, STOPPED, FAILED, ERROR = "running", "completed", "stopped", "failed", "error"
+FINISHED = (COMPLETED, STOPPED, FAILED, ERROR)
+REPORT_KEYS = (*METRIC_KEYS, *COST_KEYS, "peak_rss_mb", "peak_gpu_mb")
+
+
+class RunError(AnosegError):
+    """A run folder is missing, incomplete or not a search run."""
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON so a reader (or a crash) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(payload, fh, indent=2, default=_json_default)
+    os.replace(tmp, path)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return value.item()
+    return str(value)
+
+
+def _finite(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+@dataclass
+class RunDir:
+    path: Path
+
+    @classmethod
+    def open(cls, path: str | Path) -> "RunDir":
+        run = cls(Path(path))
+        if not (run.path / RUN_FILE).is_file():
+            raise RunError(f"{run.path} is not a search run folder (no {RUN_FILE}); start one with `anoseg search run SPACE`")
+        return run
+
+    @property
+    def tune_dir(self) -> Path:
+        return self.path / TUNE_DIR
+
+    @property
+    def study_url(self) -> str:
+        return f"sqlite:///{(self.path / STUDY_FILE).resolve()}"
+
+    def read_meta(self) -> dict[str, Any]:
+        return json.loads((self.path / RUN_FILE).read_text())
+
+    def write_meta(self, meta: Mapping[str, Any]) -> None:
+        write_json_atomic(self.path / RUN_FILE, dict(meta))
+
+    def update_meta(self, **changes: Any) -> None:
+        self.write_meta({**self.read_meta(), **changes})
+
+    # --- trial records -------------------------------------------------------------
+    def record_path(self, trial_id: str) -> Path:
+        return self.path / TRIALS_DIR / f"{trial_id}.json"
+
+    def read_record(self, trial_id: str) -> dict[str, Any] | None:
+        path = self.record_path(trial_id)
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def records(self) -> list[dict[str, Any]]:
+        folder = self.path / TRIALS_DIR
+        if not folder.is_dir():
+            return []
+        records = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+        return sorted(records, key=lambda r: (r.get("started") or 0, r["trial_id"]))
+
+    def update_record(self, trial_id: str, **changes: Any) -> dict[str, Any]:
+        record = self.read_record(trial_id) or {"trial_id": trial_id, "status": RUNNING, "started": time.time(),
+                                                 "per_category": {}, "metrics": {}, "step": 0}
+        record.update(changes)
+        write_json_atomic(self.record_path(trial_id), record)
+        return record
+
+    def record_result(self, trial_id: str, params: Mapping[str, Any], result: Mapping[str, Any]) -> dict[str, Any]:
+        """Fold one reported result (one finished category) into the trial's record."""
+        record = self.read_record(trial_id) or {}
+        per_category = dict(record.get("per_category", {}))
+        category = result.get("category")
+        if category:
+            prefix = f"{category}/"
+            per_category[category] = {k[len(prefix):]: _finite(v) for k, v in result.items() if k.startswith(prefix)}
+        changes: dict[str, Any] = {
+            "params": dict(params),
+            "per_category": per_category,
+            "metrics": {k: _finite(result[k]) for k in REPORT_KEYS if k in result},
+            "step": int(result.get("categories_done") or record.get("step") or 0),
+        }
+        if result.get("trial_error"):
+            changes.update(status=FAILED, error=result["trial_error"], stop_reason="raised an error", ended=time.time())
+        if result.get("trial_config"):
+            changes["config"] = result["trial_config"]
+        return self.update_record(trial_id, **changes)
+
+    # --- collation -------------------------------------------------------------------
+    def table(self) -> pd.DataFrame:
+        return collate(self.records(), self.read_meta())
+
+    def write_table(self) -> pd.DataFrame:
+        """Collate every record into trials.parquet and trials.csv (atomic replace)."""
+        df = self.table()
+        for name, writer in ((TABLE_FILE, lambda p: df.to_parquet(p, index=False)), (CSV_FILE, lambda p: df.to_csv(p, index=False))):
+            tmp = self.path / f".{name}.tmp"
+            writer(tmp)
+            os.replace(tmp, self.path / name)
+        return df
+
+
+def collate(records: Iterable[Mapping[str, Any]], meta: Mapping[str, Any]) -> pd.DataFrame:
+    """One row per trial: status, stop reason, error, every parameter, means, cost, per-category metrics."""
+    categories = meta.get("categories", [])
+    rows = []
+    for rec in records:
+        row: dict[str, Any] = {
+            "trial_id": rec["trial_id"],
+            "status": rec.get("status"),
+            "stop_reason": rec.get("stop_reason"),
+            "error": rec.get("error"),
+            "categories_done": rec.get("step", 0),
+            "started": rec.get("started"),
+            "ended": rec.get("ended"),
+            "wall_seconds": (rec["ended"] - rec["started"]) if rec.get("ended") and rec.get("started") else None,
+        }
+        row.update({f"param.{k}": v for k, v in sorted(rec.get("params", {}).items())})
+        row.update({k: rec.get("metrics", {}).get(k) for k in REPORT_KEYS})
+        for cat in categories:
+            for key in (*METRIC_KEYS, *COST_KEYS):
+                row[f"{cat}/{key}"] = rec.get("per_category", {}).get(cat, {}).get(key)
+        rows.append(row)
+    columns = ["trial_id", "status", "stop_reason", "error", "categories_done", "started", "ended", "wall_seconds",
+               *REPORT_KEYS]
+    df = pd.DataFrame(rows)
+    return df if not df.empty else pd.DataFrame(columns=columns)
+
+
+def best_trial(df: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
+    """The best completed trial (all categories evaluated) by `metric`, or None."""
+    done = df[(df["status"] == COMPLETED) & df[metric].notna()] if metric in df else df.iloc[0:0]
+    if done.empty:
+        return None
+    return done.loc[done[metric].idxmax() if mode == "max" else done[metric].idxmin()]

@@ -1,0 +1,113 @@
+"""Start, resume and inspect searches. Ray is imported only when a search actually runs."""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from anoseg.data import resolve_categories
+from search.run_dir import COMPLETED, ERROR, FAILED, RUNNING, SPACE_FILE, STOPPED, RunDir, RunError, best_trial
+from search.space import SearchSpace, load_space, trial_config, validate_space
+
+
+def start_search(space_path: str | Path, *, data: str | None = None, name: str | None = None,
+                 results: str | Path = "results", address: str | None = None) -> RunDir:
+    """Validate everything, create results/<name>/, run the search to the end; returns the run folder."""
+    space = load_space(space_path)
+    data_root = Path(data or space.data_root).resolve()
+    categories = resolve_categories(data_root, space.categories)  # fixed fidelity order for this search
+    run = RunDir(Path(results) / (name or space.name))
+    if (run.path / "run.json").exists():
+        raise RunError(f"{run.path} already holds a search; continue it with `anoseg search resume {run.path}` "
+                       f"or pick another --name")
+    run.path.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(space_path, run.path / SPACE_FILE)
+    meta = {
+        "name": run.path.name,
+        "space_source": str(space_path),
+        "data_root": str(data_root),
+        "categories": categories,
+        "objectives": [{"metric": o.metric, "mode": o.mode} for o in space.objectives],
+        "study_name": f"{run.path.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+        "storage": space.storage or run.study_url,
+        "address": address,
+        "created": time.time(),
+        "status": "running",
+    }
+    run.write_meta(meta)
+    _fit(space, run, meta, address, resume=False)
+    return run
+
+
+def resume_search(run_path: str | Path, *, address: str | None = None) -> RunDir:
+    """Continue a killed or interrupted search: finished trials are kept, unfinished ones re-run."""
+    run = RunDir.open(run_path)
+    meta = run.read_meta()
+    space = run_space(run)
+    _fit(space, run, meta, address if address is not None else meta.get("address"), resume=True)
+    return run
+
+
+def run_space(run: RunDir) -> SearchSpace:
+    """The space exactly as the run was started with (the run folder's copy)."""
+    path = run.path / SPACE_FILE
+    if not path.is_file():
+        raise RunError(f"{path} is missing; the run folder is incomplete")
+    return validate_space(yaml.safe_load(path.read_text()), source=str(path))
+
+
+def _fit(space: SearchSpace, run: RunDir, meta: dict[str, Any], address: str | None, resume: bool) -> None:
+    from search import tune_adapter  # Ray is heavy: only when a search runs
+
+    started = time.time()
+    run.update_meta(status="running", last_start=started)
+    try:
+        tune_adapter.fit(space, run, meta, address, resume)
+    except KeyboardInterrupt:
+        run.update_meta(status="interrupted")
+        raise
+    run.write_table()
+    counts = status_counts(run)
+    status = "finished" if counts.get(RUNNING, 0) == 0 else "interrupted"
+    run.update_meta(status=status, wall_seconds=run.read_meta().get("wall_seconds", 0) + time.time() - started)
+
+
+def status_counts(run: RunDir) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for record in run.records():
+        counts[record["status"]] = counts.get(record["status"], 0) + 1
+    return counts
+
+
+def summary(run: RunDir) -> str:
+    """A few lines: trials by status, wall time, failures, the best configuration so far."""
+    meta = run.read_meta()
+    df = run.table()
+    counts = status_counts(run)
+    space = run_space(run)
+    objective = meta["objectives"][0]
+    lines = [
+        f"run {run.path} ({meta.get('status')}): {len(df)} trials of {space.budget['trials']}, "
+        + ", ".join(f"{counts.get(s, 0)} {s}" for s in (COMPLETED, STOPPED, RUNNING, FAILED, ERROR)),
+        f"data {meta['data_root']} categories {', '.join(meta['categories'])}",
+    ]
+    if meta.get("wall_seconds"):
+        lines.append(f"wall time {meta['wall_seconds']:.0f} s")
+    for _, row in df[df["status"].isin([FAILED, ERROR])].iterrows():
+        lines.append(f"  {row['trial_id']} {row['status']}: {str(row['error']).strip().splitlines()[-1][:160]}")
+    best = best_trial(df, objective["metric"], objective["mode"])
+    if best is None:
+        lines.append("no trial has finished every category yet")
+    else:
+        cfg = trial_config(space, run.read_record(best["trial_id"])["params"])
+        metric_text = ", ".join(f"{k} {best[k]:.4f}" for k in ("image_auroc", "pixel_auroc", "aupro", "pixel_f1_max") if best.get(k) is not None)
+        lines.append(f"best trial {best['trial_id']} by {objective['metric']} ({objective['mode']}): {metric_text}, "
+                     f"fit {best['fit_seconds']:.2f} s, {best['ms_per_image']:.1f} ms/image")
+        lines.append("  " + yaml.safe_dump(cfg, sort_keys=False, default_flow_style=True).strip())
+    lines.append(f"table: {run.path / 'trials.parquet'} (+ trials.csv); study: {meta['storage']} ({meta['study_name']})")
+    return "\n".join(lines)
+
+

@@ -1,0 +1,230 @@
+"""The one module that imports Ray: a trial as a Tune trainable, the searcher, the Tuner.
+
+- The trainable calls `anoseg.trial.run_trial` and reports after every category
+  (fidelity = categories done), so ASHA can stop a weak configuration early.
+- An exception inside a trial (bad combination, out of memory, unreadable
+  image) is reported as that trial's failure and the search goes on; a lost
+  worker or node is a Ray-level failure that Tune retries (`MAX_RETRIES`).
+- Trials ASHA stops early are told to Optuna as PRUNED, failed ones as FAIL:
+  only trials that saw every category count as COMPLETE, which keeps TPE honest.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import optuna
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from search.run_dir import COMPLETED, ERROR, FAILED, FINISHED, RUNNING, STOPPED, RunDir, best_trial
+from search.space import SearchSpace, define_by_run, make_sampler, trial_config
+
+MAX_RETRIES = 3  # per trial, for Ray-level failures (lost worker or node)
+ERROR_TEXT_LIMIT = 4000
+
+
+def run_trainable(params: dict[str, Any], *, space: SearchSpace, data_root: str, categories: list[str]) -> None:
+    """Tune function trainable: one anoseg trial, reporting after each category."""
+    from anoseg.trial import run_trial  # heavy; imported once per (reused) worker
+
+    state = {"in_report": False, "done": 0}
+    cfg: dict[str, Any] = {}
+
+    def report(metrics: Mapping[str, Any], step: int) -> None:
+        state["in_report"], state["done"] = True, step
+        tune.report({**metrics, "trial_error": "", "trial_config": cfg})
+        state["in_report"] = False
+
+    try:
+        cfg = trial_config(space, params)
+        run_trial(cfg, data_root, categories, report)
+    except Exception as exc:  # noqa: BLE001 - a failing trial is data, not a crash
+        if state["in_report"]:
+            raise  # Tune's own control flow
+        text = f"{type(exc).__name__}: {exc}"
+        detail = traceback.format_exc()[-ERROR_TEXT_LIMIT:]
+        failure = {m: float("nan") for m in space.metric_names()}
+        tune.report({**failure, "categories_done": state["done"], "trial_error": text,
+                     "trial_traceback": detail, "trial_config": cfg})
+
+
+class HonestOptunaSearch(OptunaSearch):
+    """OptunaSearch that tells early-stopped trials as PRUNED and failed ones as FAIL."""
+
+    def __init__(self, *args: Any, total_steps: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._total_steps = total_steps
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if result.get("trial_error"):
+            return
+        super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return super().on_trial_complete(trial_id, result, error)
+        failed = error or bool(result and result.get("trial_error"))
+        partial = not result or int(result.get("categories_done") or 0) < self._total_steps
+        if not failed and not partial:
+            return super().on_trial_complete(trial_id, result, error)
+        ot_trial = self._ot_trials[trial_id]
+        if not failed and result and not isinstance(self.metric, list) and self.metric in result:
+            # A trial stopped on this very result never got on_trial_result: keep its last value.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ot_trial.report(result[self.metric], int(result.get("categories_done") or 0))
+        state = optuna.trial.TrialState.FAIL if failed else optuna.trial.TrialState.PRUNED
+        self._ot_study.tell(ot_trial, None, state=state)
+        self._completed_trials.add(trial_id)
+
+
+class RunRecorder(tune.Callback):
+    """Driver-side: keeps trials/<id>.json and trials.parquet current and prints one line per finished trial."""
+
+    def __init__(self, run_path: str, total_steps: int, budget: int, metric: str, mode: str) -> None:
+        self.run = RunDir(Path(run_path))
+        self.total_steps, self.budget, self.metric, self.mode = total_steps, budget, metric, mode
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.run.update_record(trial.trial_id, status=RUNNING, params=dict(trial.config))
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self.run.record_result(trial.trial_id, trial.config, result)
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        record = self.run.read_record(trial.trial_id) or {}
+        self.run.update_record(trial.trial_id, status=RUNNING, retries=record.get("retries", 0) + 1,
+                               last_retry_error=_error_text(trial))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        record = self.run.read_record(trial.trial_id) or {}
+        if record.get("status") != FAILED:
+            step = int(record.get("step") or 0)
+            if step >= self.total_steps:
+                self.run.update_record(trial.trial_id, status=COMPLETED, stop_reason="evaluated every category", ended=time.time())
+            else:
+                self.run.update_record(trial.trial_id, status=STOPPED, ended=time.time(),
+                                       stop_reason=f"stopped early after {step}/{self.total_steps} categories")
+        self._finished(trial.trial_id)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.run.update_record(trial.trial_id, status=ERROR, error=_error_text(trial), ended=time.time(),
+                               stop_reason=f"crashed after {MAX_RETRIES} retries")
+        self._finished(trial.trial_id)
+
+    def _finished(self, trial_id: str) -> None:
+        df = self.run.write_table()
+        done = int(df["status"].isin(FINISHED).sum())
+        rec = self.run.read_record(trial_id) or {}
+        value = rec.get("metrics", {}).get(self.metric)
+        what = f"{self.metric} {value:.4f}" if isinstance(value, float) and rec.get("status") == COMPLETED else rec.get("stop_reason", "")
+        if rec.get("status") in (FAILED, ERROR):
+            what = f"failed: {str(rec.get('error'))[:120]}"
+        best = best_trial(df, self.metric, self.mode)
+        best_text = f" | best {best[self.metric]:.4f} ({best['trial_id']})" if best is not None else ""
+        print(f"[{done}/{self.budget}] {trial_id} {rec.get('status')}: {what} | {describe(rec.get('params', {}))}{best_text}",
+              flush=True)
+
+
+def _error_text(trial: Any) -> str:
+    path = getattr(trial, "error_file", None)
+    if path and os.path.isfile(path):
+        return Path(path).read_text()[-ERROR_TEXT_LIMIT:]
+    return str(getattr(trial, "error_msg", "") or "unknown error")
+
+
+def describe(params: Mapping[str, Any]) -> str:
+    """A short human description of a trial's parameters."""
+    backbone, head = params.get("backbone", "?"), params.get("head", "?")
+    layers = params.get(f"{backbone}.layers", "")
+    settings = ", ".join(f"{k.split('.', 1)[1]}={_short(v)}" for k, v in sorted(params.items()) if k.startswith(f"{head}."))
+    return f"{backbone} [{layers}] {head}({settings})"
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def init_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Connect to a cluster (`address`, e.g. "auto" or "ray://host:10001") or start an embedded Ray."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Save the experiment state on every controller step (default: every >= 10 s), so a
+    # driver killed right after a trial finished does not re-run that trial on resume.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False, "include_dashboard": False}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, **kwargs)
+
+
+def _trainable(space: SearchSpace, meta: Mapping[str, Any]) -> Any:
+    resources = {"cpu": space.resources["cpu"], "gpu": space.resources["gpu"]}
+    fn = tune.with_parameters(run_trainable, space=space, data_root=meta["data_root"], categories=list(meta["categories"]))
+    return tune.with_resources(fn, resources)
+
+
+def build_tuner(space: SearchSpace, run: RunDir, meta: Mapping[str, Any]) -> tune.Tuner:
+    total = len(meta["categories"])
+    metrics, modes = space.metric_names(), space.modes()
+    storage = optuna.storages.RDBStorage(space.storage or run.study_url)
+    searcher = HonestOptunaSearch(
+        space=define_by_run(space),
+        metric=metrics if space.multi_objective else metrics[0],
+        mode=modes if space.multi_objective else modes[0],
+        sampler=make_sampler(space),
+        study_name=meta["study_name"],
+        storage=storage,
+        total_steps=total,
+    )
+    if space.scheduler["name"] == "asha":
+        opts = space.scheduler
+        scheduler = ASHAScheduler(
+            metric=metrics[0], mode=modes[0], max_t=total, grace_period=opts["grace_period"],
+            reduction_factor=opts["reduction_factor"], brackets=opts.get("brackets", 1),
+        )
+    else:
+        scheduler = FIFOScheduler()
+    budget = space.budget
+    tune_config = tune.TuneConfig(
+        search_alg=searcher,
+        scheduler=scheduler,
+        num_samples=budget["trials"],
+        max_concurrent_trials=budget["max_concurrent"],
+        time_budget_s=budget.get("time_limit_s"),
+        reuse_actors=True,
+        trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",
+    )
+    run_config = tune.RunConfig(
+        name=run.tune_dir.name,
+        storage_path=str(run.path.resolve()),
+        failure_config=tune.FailureConfig(max_failures=MAX_RETRIES),
+        # Tune stages its state under /tmp/ray and copies it to the run folder every sync_period
+        # (default 300 s); copy on every save so `resume` sees every finished trial.
+        sync_config=tune.SyncConfig(sync_period=0),
+        callbacks=[RunRecorder(str(run.path.resolve()), total, budget["trials"], metrics[0], modes[0])],
+        verbose=0,
+    )
+    return tune.Tuner(_trainable(space, meta), tune_config=tune_config, run_config=run_config)
+
+
+def fit(space: SearchSpace, run: RunDir, meta: Mapping[str, Any], address: str | None, resume: bool) -> None:
+    """Start or resume the Tune experiment of `run` and block until it ends."""
+    init_ray(address)
+    if resume and tune.Tuner.can_restore(str(run.tune_dir)):
+        tuner = tune.Tuner.restore(str(run.tune_dir), trainable=_trainable(space, meta),
+                                   resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = build_tuner(space, run, meta)
+    tuner.fit()

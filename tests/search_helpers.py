@@ -1,0 +1,46 @@
+"""Helpers shared by the search tests: a tiny, fast space on the synthetic dataset."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TINY_SPACE: dict[str, Any] = {
+    "name": "tiny",
+    "dataset": {"root": "unused", "categories": "all", "image_size": 64},
+    "objective": [{"metric": "aupro", "mode": "max"}],
+    "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 3},
+    "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
+    "budget": {"trials": 6, "max_concurrent": 2},
+    "resources": {"cpu": 1, "gpu": 0},
+    "trial": {"batch_size": 16, "seed": 0, "device": "cpu"},
+    "space": {
+        "backbones": {"resnet18": {"weights": "none", "layers": [["layer1"], ["layer1", "layer2"]]}},
+        "heads": {
+            "padim": {"n_features": {"type": "int", "low": 8, "high": 64}},
+            "patchcore": {"coreset_ratio": {"type": "float", "low": 0.01, "high": 0.05, "log": True}},
+        },
+    },
+}
+
+
+def write_space(tmp_path: Path, **changes: Any) -> Path:
+    space = copy.deepcopy(TINY_SPACE)
+    for key, value in changes.items():
+        space[key] = value
+    path = tmp_path / f"{space['name']}.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def study_states(run_path: Path) -> dict[str, str]:
+    """Optuna trial state per Tune trial id (matched through the trial's parameters and order)."""
+    import json
+
+    import optuna
+
+    meta = json.loads((run_path / "run.json").read_text())
+    study = optuna.load_study(study_name=meta["study_name"], storage=meta["storage"])
+    return {t.number: t for t in study.trials}

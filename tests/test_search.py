@@ -1,0 +1,114 @@
+"""End-to-end searches on an embedded Ray: records, Optuna states, failures, kill + resume."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+
+from search.run_dir import RunDir
+from search.runner import start_search, summary
+from tests.search_helpers import write_space
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def embedded_ray():
+    import ray
+
+    ray.shutdown()
+    yield
+    ray.shutdown()
+
+
+def study_of(run: RunDir) -> optuna.Study:
+    meta = run.read_meta()
+    return optuna.load_study(study_name=meta["study_name"], storage=meta["storage"])
+
+
+def test_search_records_every_trial_and_keeps_optuna_honest(synthetic_root, tmp_path):
+    run = start_search(write_space(tmp_path), data=str(synthetic_root), results=tmp_path / "results")
+    df = pd.read_parquet(run.path / "trials.parquet")
+    assert (run.path / "trials.csv").is_file() and (run.path / "space.yaml").is_file()
+    assert len(df) == 6 and df["trial_id"].is_unique
+    assert set(df["status"]) <= {"completed", "stopped"} and "completed" in set(df["status"])
+    completed = df[df["status"] == "completed"]
+    assert (completed["categories_done"] == 4).all()
+    assert completed[["brick/aupro", "washer/aupro", "aupro", "fit_seconds", "ms_per_image"]].notna().all().all()
+    stopped = df[df["status"] == "stopped"]
+    assert (stopped["categories_done"] < 4).all()
+    assert stopped["stop_reason"].str.startswith("stopped early").all()
+    assert any(c.startswith("param.") for c in df.columns)
+
+    # Optuna: only trials that saw every category are COMPLETE; ASHA-stopped ones are PRUNED with their value
+    states = Counter(t.state.name for t in study_of(run).trials)
+    assert states == Counter({"COMPLETE": len(completed), "PRUNED": len(stopped)})
+    for trial in study_of(run).trials:
+        if trial.state.name == "PRUNED":
+            assert trial.intermediate_values, "a pruned trial keeps its last reported value"
+    text = summary(run)
+    assert "best trial" in text and "6 trials of 6" in text
+
+
+def test_failing_trial_is_recorded_and_the_search_goes_on(synthetic_root, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root, data)
+    broken = sorted((data / "washer" / "test" / "good").glob("*.png"))[0]
+    broken.write_bytes(b"definitely not a png")
+    space = write_space(tmp_path, scheduler={"name": "none"}, budget={"trials": 3, "max_concurrent": 2})
+    run = start_search(space, data=str(data), results=tmp_path / "results")
+    df = run.table()
+    assert len(df) == 3
+    assert (df["status"] == "failed").all()  # every trial reaches washer and fails there
+    assert df["error"].str.contains("cannot read image").all() and df["error"].str.contains(broken.name).all()
+    assert (df["categories_done"] == 3).all()  # the three categories before washer are kept
+    assert {t.state.name for t in study_of(run).trials} == {"FAIL"}
+
+
+def _finished(run_path: Path) -> dict[str, dict]:
+    out = {}
+    for p in (run_path / "trials").glob("*.json"):
+        try:
+            rec = json.loads(p.read_text())
+        except (json.JSONDecodeError, OSError):
+            continue
+        if rec.get("status") in ("completed", "stopped", "failed"):
+            out[rec["trial_id"]] = rec
+    return out
+
+
+def test_killed_search_resumes_without_losing_or_repeating_trials(synthetic_root, tmp_path):
+    space = write_space(tmp_path, budget={"trials": 8, "max_concurrent": 2}, scheduler={"name": "none"})
+    results = tmp_path / "results"
+    run_path = results / "tiny"
+    cmd = [sys.executable, "-m", "anoseg.cli", "search", "run", str(space), "--data", str(synthetic_root), "--results", str(results)]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while len(_finished(run_path)) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+    proc.wait()
+    before = _finished(run_path)
+    assert 2 <= len(before) < 8, "the search must be killed mid-way for this test to mean anything"
+
+    resumed = subprocess.run([sys.executable, "-m", "anoseg.cli", "search", "resume", str(run_path)],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    after = _finished(run_path)
+    assert len(after) == 8
+    for trial_id, record in before.items():  # nothing finished before the kill was lost or re-run
+        assert after[trial_id]["ended"] == record["ended"]
+        assert after[trial_id]["metrics"] == record["metrics"]
+    study = study_of(RunDir.open(run_path))
+    assert len(study.trials) == 8 and {t.state.name for t in study.trials} == {"COMPLETE"}
+    assert "8 trials of 8" in resumed.stdout
