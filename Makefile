@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine:
-#   make demo   -> installs into .venv, writes the synthetic dataset, runs the main job
+#   make demo   -> installs into .venv, writes the synthetic dataset, runs the demo search
 #   make test   -> installs into .venv, runs the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,7 +8,7 @@ ANOSEG := $(VENV)/bin/anoseg
 STAMP := $(VENV)/.install-stamp
 DATA ?= results/data/synthetic
 
-.PHONY: install demo demo-data test test-fast clean
+.PHONY: install demo demo-data evaluate-demo test test-fast clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,12 @@ install: $(STAMP)
 demo-data: $(STAMP)
 	@if [ -d "$(DATA)" ]; then echo "dataset already at $(DATA)"; else $(ANOSEG) data synth $(DATA); fi
 
+RUN ?= quick-$(shell date +%Y%m%d-%H%M%S)
+
 demo: demo-data
+	$(ANOSEG) search run spaces/quick.yaml --data $(DATA) --name $(RUN)
+
+evaluate-demo: demo-data
 	$(ANOSEG) evaluate --config configs/patchcore_lite0.yaml --data $(DATA) --json results/demo/patchcore_lite0.json
 
 test: $(STAMP)
@@ -31,4 +36,4 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 
 clean:
-	rm -rf $(VENV) results/data results/demo
+	rm -rf $(VENV) results/data results/demo results/quick-*

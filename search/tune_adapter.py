@@ -66,7 +66,9 @@ class HonestOptunaSearch(OptunaSearch):
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if result.get("trial_error"):
             return
-        super().on_trial_result(trial_id, result)
+        with warnings.catch_warnings():  # a retried trial re-reports steps Optuna already has
+            warnings.simplefilter("ignore")
+            super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
