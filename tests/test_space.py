@@ -167,7 +167,8 @@ def test_define_by_run_gives_valid_conditional_trial_configs(quick):
             assert tc.head["patch_size"] == 3 and 0.01 <= tc.head["coreset_ratio"] <= 0.1
             assert tc.head["k"] in (1, 3)
         else:
-            assert 50 <= tc.head["n_features"] <= 100
+            spec = quick.heads["padim"]["n_features"]
+            assert spec["low"] <= tc.head["n_features"] <= spec["high"]
         study.tell(trial, float(i % 7) / 7)
     assert len(seen_backbones) >= 2 and seen_heads == {"padim", "patchcore"}
 
@@ -277,7 +278,8 @@ def test_grid_size_counts_conditional_repeats(quick):
     raw["space"]["heads"]["patchcore"]["coreset_ratio"] = {"type": "categorical", "choices": [0.05, 0.1]}
     raw["space"]["heads"]["padim"]["n_features"] = {"type": "int", "low": 50, "high": 100, "step": 50}
     points, distinct = grid_size(validate_space(raw, "q.yaml"))
-    assert distinct == (3 + 2 + 2) * (2 + 2 * 2) and points > distinct
+    layer_subsets = sum(len(b["layers"]) for b in quick.backbones.values())
+    assert distinct == layer_subsets * (2 + 2 * 2) and points > distinct
 
 
 # --------------------------------------------------------------------------- mistakes
