@@ -37,6 +37,7 @@ STUDY_FILE = "optuna.db"
 
 # Trial statuses in records and the table.
 RUNNING, COMPLETED, STOPPED, FAILED, ERROR = "running", "completed", "stopped", "failed", "error"
+LOST = "lost"  # started after Tune's last saved state when the driver died: Tune re-samples it on resume
 FINISHED = (COMPLETED, STOPPED, FAILED, ERROR)
 REPORT_KEYS = (*METRIC_KEYS, *COST_KEYS, "peak_rss_mb", "peak_gpu_mb")
 
@@ -131,7 +132,7 @@ class RunDir:
         if result.get("trial_error"):
             changes.update(status=FAILED, error=result["trial_error"], stop_reason="raised an error", ended=time.time())
         if result.get("trial_config"):
-            changes["config"] = result["trial_config"]
+            changes["config"] = json.loads(result["trial_config"])
         return self.update_record(trial_id, **changes)
 
     # --- collation -------------------------------------------------------------------

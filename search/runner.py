@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from anoseg.data import resolve_categories
-from search.run_dir import COMPLETED, ERROR, FAILED, RUNNING, SPACE_FILE, STOPPED, RunDir, RunError, best_trial
+from search.run_dir import COMPLETED, ERROR, FAILED, LOST, RUNNING, SPACE_FILE, STOPPED, RunDir, RunError, best_trial
 from search.space import SearchSpace, load_space, trial_config, validate_space
 
 
@@ -27,6 +27,7 @@ def start_search(space_path: str | Path, *, data: str | None = None, name: str |
     shutil.copyfile(space_path, run.path / SPACE_FILE)
     meta = {
         "name": run.path.name,
+        "run_path": str(run.path.resolve()),
         "space_source": str(space_path),
         "data_root": str(data_root),
         "categories": categories,
@@ -89,9 +90,11 @@ def summary(run: RunDir) -> str:
     counts = status_counts(run)
     space = run_space(run)
     objective = meta["objectives"][0]
+    trials = len(df) - counts.get(LOST, 0)
+    lost = f" ({counts[LOST]} lost to a driver crash and re-sampled)" if counts.get(LOST) else ""
     lines = [
-        f"run {run.path} ({meta.get('status')}): {len(df)} trials of {space.budget['trials']}, "
-        + ", ".join(f"{counts.get(s, 0)} {s}" for s in (COMPLETED, STOPPED, RUNNING, FAILED, ERROR)),
+        f"run {run.path} ({meta.get('status')}): {trials} trials of {space.budget['trials']}, "
+        + ", ".join(f"{counts.get(s, 0)} {s}" for s in (COMPLETED, STOPPED, RUNNING, FAILED, ERROR)) + lost,
         f"data {meta['data_root']} categories {', '.join(meta['categories'])}",
     ]
     if meta.get("wall_seconds"):

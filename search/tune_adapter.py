@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -24,36 +25,65 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from search.run_dir import COMPLETED, ERROR, FAILED, FINISHED, RUNNING, STOPPED, RunDir, best_trial
+from search.run_dir import COMPLETED, ERROR, FAILED, FINISHED, LOST, RUNNING, STOPPED, RunDir, best_trial
 from search.space import SearchSpace, define_by_run, make_sampler, trial_config
 
+logger = logging.getLogger(__name__)
 MAX_RETRIES = 3  # per trial, for Ray-level failures (lost worker or node)
 ERROR_TEXT_LIMIT = 4000
 
 
-def run_trainable(params: dict[str, Any], *, space: SearchSpace, data_root: str, categories: list[str]) -> None:
+def run_trainable(params: dict[str, Any], *, space: SearchSpace, data_root: str, categories: list[str],
+                  run_path: str) -> None:
     """Tune function trainable: one anoseg trial, reporting after each category."""
     from anoseg.trial import run_trial  # heavy; imported once per (reused) worker
 
-    state = {"in_report": False, "done": 0}
-    cfg: dict[str, Any] = {}
+    record = RunDir(Path(run_path)).read_record(tune.get_context().get_trial_id())
+    if record and record.get("status") in FINISHED:
+        return replay(record, categories, space)
+
+    state: dict[str, Any] = {"in_report": False, "done": 0, "config": ""}
 
     def report(metrics: Mapping[str, Any], step: int) -> None:
         state["in_report"], state["done"] = True, step
-        tune.report({**metrics, "trial_error": "", "trial_config": cfg})
+        tune.report({**metrics, "trial_error": "", "trial_config": state["config"]})
         state["in_report"] = False
 
     try:
         cfg = trial_config(space, params)
+        state["config"] = json.dumps(cfg)  # a string: Tune's loggers only take scalars
         run_trial(cfg, data_root, categories, report)
     except Exception as exc:  # noqa: BLE001 - a failing trial is data, not a crash
         if state["in_report"]:
             raise  # Tune's own control flow
-        text = f"{type(exc).__name__}: {exc}"
-        detail = traceback.format_exc()[-ERROR_TEXT_LIMIT:]
-        failure = {m: float("nan") for m in space.metric_names()}
-        tune.report({**failure, "categories_done": state["done"], "trial_error": text,
-                     "trial_traceback": detail, "trial_config": cfg})
+        report_failure(space, f"{type(exc).__name__}: {exc}", traceback.format_exc()[-ERROR_TEXT_LIMIT:],
+                       state["done"], state["config"])
+
+
+def report_failure(space: SearchSpace, error: str, detail: str, done: int, config: str, **extra: Any) -> None:
+    failure = {m: float("nan") for m in space.metric_names()}
+    tune.report({**failure, "categories_done": done, "trial_error": error, "trial_traceback": detail,
+                 "trial_config": config, **extra})
+
+
+def replay(record: Mapping[str, Any], categories: list[str], space: SearchSpace) -> None:
+    """Re-report a trial that had finished before a driver crash instead of computing it again.
+
+    Tune may restore a trial as unfinished when the driver died between the trial's end and
+    Tune's next saved state; the run folder's record holds its results.
+    """
+    from anoseg.trial import mean_metrics
+
+    config = json.dumps(record.get("config", {}))
+    per_category = record.get("per_category", {})
+    done: dict[str, Mapping[str, float]] = {}
+    for step, category in enumerate(categories[: int(record.get("step") or 0)], start=1):
+        done[category] = per_category[category]
+        own = {f"{category}/{k}": v for k, v in per_category[category].items()}
+        tune.report({**mean_metrics(done), **own, "category": category, "categories_done": step,
+                     "trial_error": "", "trial_config": config, "replayed": True})
+    if record.get("status") == FAILED:
+        report_failure(space, record.get("error", ""), "", len(done), config, replayed=True)
 
 
 class HonestOptunaSearch(OptunaSearch):
@@ -63,8 +93,20 @@ class HonestOptunaSearch(OptunaSearch):
         super().__init__(*args, **kwargs)
         self._total_steps = total_steps
 
+    def restore(self, checkpoint_path: str) -> None:
+        """After a driver crash, fail the Optuna trials asked for after the last saved state.
+
+        Tune never learned of them, so nothing would ever finish them; left RUNNING they
+        would skew samplers that account for running trials (TPE's constant liar).
+        """
+        super().restore(checkpoint_path)
+        known = {trial.number for trial in self._ot_trials.values()}
+        for orphan in self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            if orphan.number not in known:
+                self._ot_study.tell(orphan.number, state=optuna.trial.TrialState.FAIL)
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if result.get("trial_error"):
+        if result.get("trial_error") or result.get("replayed"):
             return
         with warnings.catch_warnings():  # a retried trial re-reports steps Optuna already has
             warnings.simplefilter("ignore")
@@ -78,13 +120,16 @@ class HonestOptunaSearch(OptunaSearch):
         if not failed and not partial:
             return super().on_trial_complete(trial_id, result, error)
         ot_trial = self._ot_trials[trial_id]
-        if not failed and result and not isinstance(self.metric, list) and self.metric in result:
+        if not failed and result and not result.get("replayed") and not isinstance(self.metric, list) and self.metric in result:
             # A trial stopped on this very result never got on_trial_result: keep its last value.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 ot_trial.report(result[self.metric], int(result.get("categories_done") or 0))
         state = optuna.trial.TrialState.FAIL if failed else optuna.trial.TrialState.PRUNED
-        self._ot_study.tell(ot_trial, None, state=state)
+        try:
+            self._ot_study.tell(ot_trial, None, state=state)
+        except (RuntimeError, ValueError) as exc:  # already told before a driver crash (replayed trial)
+            logger.debug("not telling trial %s again: %s", trial_id, exc)
         self._completed_trials.add(trial_id)
 
 
@@ -96,10 +141,15 @@ class RunRecorder(tune.Callback):
         self.total_steps, self.budget, self.metric, self.mode = total_steps, budget, metric, mode
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.run.update_record(trial.trial_id, status=RUNNING, params=dict(trial.config))
+        record = self.run.read_record(trial.trial_id)
+        if record and record.get("status") in FINISHED:  # finished before a crash: replayed, results kept
+            self.run.update_record(trial.trial_id, replays=record.get("replays", 0) + 1)
+        else:
+            self.run.update_record(trial.trial_id, status=RUNNING, params=dict(trial.config))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        self.run.record_result(trial.trial_id, trial.config, result)
+        if not result.get("replayed"):
+            self.run.record_result(trial.trial_id, trial.config, result)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         record = self.run.read_record(trial.trial_id) or {}
@@ -108,7 +158,7 @@ class RunRecorder(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         record = self.run.read_record(trial.trial_id) or {}
-        if record.get("status") != FAILED:
+        if record.get("status") not in FINISHED:
             step = int(record.get("step") or 0)
             if step >= self.total_steps:
                 self.run.update_record(trial.trial_id, status=COMPLETED, stop_reason="evaluated every category", ended=time.time())
@@ -121,6 +171,16 @@ class RunRecorder(tune.Callback):
         self.run.update_record(trial.trial_id, status=ERROR, error=_error_text(trial), ended=time.time(),
                                stop_reason=f"crashed after {MAX_RETRIES} retries")
         self._finished(trial.trial_id)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        """Records of trials Tune does not know (begun after its last saved state before a crash) are lost."""
+        known = {trial.trial_id for trial in trials}
+        for record in self.run.records():
+            if record["status"] == RUNNING and record["trial_id"] not in known:
+                self.run.update_record(record["trial_id"], status=LOST, ended=time.time(),
+                                       stop_reason="started just before the driver died, after Tune last saved its state; "
+                                                   "re-sampled on resume")
+        self.run.write_table()
 
     def _finished(self, trial_id: str) -> None:
         df = self.run.write_table()
@@ -173,7 +233,8 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
 
 def _trainable(space: SearchSpace, meta: Mapping[str, Any]) -> Any:
     resources = {"cpu": space.resources["cpu"], "gpu": space.resources["gpu"]}
-    fn = tune.with_parameters(run_trainable, space=space, data_root=meta["data_root"], categories=list(meta["categories"]))
+    fn = tune.with_parameters(run_trainable, space=space, data_root=meta["data_root"],
+                              categories=list(meta["categories"]), run_path=meta["run_path"])
     return tune.with_resources(fn, resources)
 
 

@@ -35,12 +35,19 @@ def write_space(tmp_path: Path, **changes: Any) -> Path:
     return path
 
 
-def study_states(run_path: Path) -> dict[str, str]:
-    """Optuna trial state per Tune trial id (matched through the trial's parameters and order)."""
+def read_records(run_path: Path, statuses: tuple[str, ...] | None = None) -> dict[str, dict]:
+    """Trial records of a run folder by trial id (optionally only those with one of `statuses`).
+
+    Safe to call while a search writes them: a record being replaced is skipped.
+    """
     import json
 
-    import optuna
-
-    meta = json.loads((run_path / "run.json").read_text())
-    study = optuna.load_study(study_name=meta["study_name"], storage=meta["storage"])
-    return {t.number: t for t in study.trials}
+    out = {}
+    for p in (run_path / "trials").glob("*.json"):
+        try:
+            rec = json.loads(p.read_text())
+        except (json.JSONDecodeError, OSError):
+            continue
+        if statuses is None or rec.get("status") in statuses:
+            out[rec["trial_id"]] = rec
+    return out

@@ -1,7 +1,6 @@
 """End-to-end searches on an embedded Ray: records, Optuna states, failures, kill + resume."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -17,7 +16,7 @@ import pytest
 
 from search.run_dir import RunDir
 from search.runner import start_search, summary
-from tests.search_helpers import write_space
+from tests.search_helpers import read_records, write_space
 
 pytestmark = pytest.mark.slow
 
@@ -76,15 +75,7 @@ def test_failing_trial_is_recorded_and_the_search_goes_on(synthetic_root, tmp_pa
 
 
 def _finished(run_path: Path) -> dict[str, dict]:
-    out = {}
-    for p in (run_path / "trials").glob("*.json"):
-        try:
-            rec = json.loads(p.read_text())
-        except (json.JSONDecodeError, OSError):
-            continue
-        if rec.get("status") in ("completed", "stopped", "failed"):
-            out[rec["trial_id"]] = rec
-    return out
+    return read_records(run_path, ("completed", "stopped", "failed"))
 
 
 def test_killed_search_resumes_without_losing_or_repeating_trials(synthetic_root, tmp_path):
@@ -96,6 +87,8 @@ def test_killed_search_resumes_without_losing_or_repeating_trials(synthetic_root
     deadline = time.time() + 240
     while len(_finished(run_path)) < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
+    if proc.poll() is not None:
+        pytest.fail(f"the search ended before it could be killed:\n{proc.stdout.read().decode()[-3000:]}")
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
     proc.wait()
     before = _finished(run_path)
@@ -110,5 +103,7 @@ def test_killed_search_resumes_without_losing_or_repeating_trials(synthetic_root
         assert after[trial_id]["ended"] == record["ended"]
         assert after[trial_id]["metrics"] == record["metrics"]
     study = study_of(RunDir.open(run_path))
-    assert len(study.trials) == 8 and {t.state.name for t in study.trials} == {"COMPLETE"}
+    states = Counter(t.state.name for t in study.trials)
+    # the 8 trials complete; a trial Optuna handed out after the last saved state is failed, never left running
+    assert states["COMPLETE"] == 8 and set(states) <= {"COMPLETE", "FAIL"}
     assert "8 trials of 8" in resumed.stdout

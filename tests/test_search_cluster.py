@@ -1,27 +1,15 @@
 """A search on a local 2-node Ray cluster survives losing a worker node mid-search."""
 from __future__ import annotations
 
-import json
 import threading
 import time
 
 import pytest
 
 from search.runner import start_search
-from tests.search_helpers import write_space
+from tests.search_helpers import read_records, write_space
 
 pytestmark = pytest.mark.slow
-
-
-def _records(run_path):
-    out = {}
-    for p in (run_path / "trials").glob("*.json"):
-        try:
-            rec = json.loads(p.read_text())
-        except (json.JSONDecodeError, OSError):
-            continue
-        out[rec["trial_id"]] = rec
-    return out
 
 
 def test_search_survives_a_lost_node(synthetic_root, tmp_path):
@@ -49,7 +37,7 @@ def test_search_survives_a_lost_node(synthetic_root, tmp_path):
         deadline = time.time() + 180
         finished_before: dict = {}
         while time.time() < deadline and thread.is_alive():
-            records = _records(run_path)
+            records = read_records(run_path)
             running = [r for r in records.values() if r["status"] == "running"]
             finished_before = {k: r for k, r in records.items() if r["status"] == "completed"}
             if finished_before and len(running) == 2:  # one of the two runs on the worker node
@@ -64,7 +52,7 @@ def test_search_survives_a_lost_node(synthetic_root, tmp_path):
         ray.shutdown()
         cluster.shutdown()
 
-    records = _records(run_path)
+    records = read_records(run_path)
     assert len(records) == 6
     assert all(r["status"] == "completed" for r in records.values()), {k: r["status"] for k, r in records.items()}
     assert any(r.get("retries", 0) >= 1 for r in records.values()), "the lost node's trial was retried"
