@@ -36,7 +36,7 @@ GOOD = "good"
 class TestSplit:
     """The test images of one category with their ground truth."""
 
-    images: torch.Tensor  # (N, 3, S, S) float in [0, 1]
+    images: torch.Tensor | None  # (N, 3, S, S) float in [0, 1]; None when loaded without images
     masks: torch.Tensor  # (N, S, S) bool
     labels: np.ndarray  # (N,) 1 = defective
     defect_types: list[str]
@@ -101,6 +101,11 @@ def _to_tensor(arrays: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
 
 
+def load_images(paths: list[Path], size: int) -> torch.Tensor:
+    """Read images as (N, 3, size, size) float in [0, 1] (grayscale becomes RGB), decoding in threads."""
+    return _read_all(paths, size)
+
+
 def _read_all(paths: list[Path], size: int) -> torch.Tensor:
     with ThreadPoolExecutor(max_workers=4) as pool:
         return _to_tensor(list(pool.map(lambda p: _read_image(p, size), paths)))
@@ -124,8 +129,11 @@ def load_train(root: str | Path, category: str, size: int) -> torch.Tensor:
     return _read_all(paths, size)
 
 
-def load_test(root: str | Path, category: str, size: int) -> TestSplit:
-    """Test images with masks (empty for good images), labels and defect types."""
+def load_test(root: str | Path, category: str, size: int, with_images: bool = True) -> TestSplit:
+    """Test images with masks (empty for good images), labels and defect types.
+
+    `with_images=False` reads only the ground truth (for cached features).
+    """
     cat_dir = _category_dir(root, category)
     test_dir = cat_dir / "test"
     if not test_dir.is_dir():
@@ -146,7 +154,7 @@ def load_test(root: str | Path, category: str, size: int) -> TestSplit:
             mask_paths.append(mask_path)
     if not paths:
         raise DataError(f"the test set {test_dir} has no images")
-    images = _read_all(paths, size)
+    images = _read_all(paths, size) if with_images else None
     masks = np.stack([
         np.zeros((size, size), bool) if m is None else _read_mask(m, p, size)
         for m, p in zip(mask_paths, paths)
@@ -155,13 +163,25 @@ def load_test(root: str | Path, category: str, size: int) -> TestSplit:
     return TestSplit(images, torch.from_numpy(masks), labels, defect_types, paths)
 
 
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
 def category_fingerprint(root: str | Path, category: str) -> str:
-    """A content hash of every file of a category: equal data gives an equal fingerprint on any node."""
+    """A content hash of every file of a category: equal data gives an equal fingerprint on any node.
+
+    Hashing reads every byte, so the result is remembered for the process while no file's
+    path, size or modification time changes.
+    """
     cat_dir = _category_dir(root, category)
+    files = sorted(p for p in cat_dir.rglob("*") if p.is_file())
+    signature = (str(cat_dir.resolve()), *((p.as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    if signature in _FINGERPRINTS:
+        return _FINGERPRINTS[signature]
     digest = hashlib.blake2b(digest_size=16)
-    for path in sorted(p for p in cat_dir.rglob("*") if p.is_file()):
+    for path in files:
         digest.update(path.relative_to(cat_dir).as_posix().encode() + b"\0")
         with path.open("rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)
-    return digest.hexdigest()
+    _FINGERPRINTS[signature] = digest.hexdigest()
+    return _FINGERPRINTS[signature]
