@@ -28,6 +28,8 @@ def start_search(space_path: str | Path, *, data: str | None = None, name: str |
     meta = {
         "name": run.path.name,
         "run_path": str(run.path.resolve()),
+        "cache_dir": (str(Path(space.cache["path"] or run.path / "feature_cache").resolve())
+                      if space.cache["enabled"] else None),
         "space_source": str(space_path),
         "data_root": str(data_root),
         "categories": categories,

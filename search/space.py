@@ -121,7 +121,9 @@ __all__ = [
 ]
 
 TOP_LEVEL_FIELDS = ("name", "dataset", "objective", "sampler", "scheduler", "budget", "resources", "storage",
-                    "trial", "space")
+                    "cache", "trial", "space")
+#: Feature cache: on by default, in <run>/feature_cache unless a (shared) path is given.
+CACHE_DEFAULTS: dict[str, Any] = {"enabled": True, "path": None, "max_gb": 20}
 #: Metric -> its natural mode (the default when an objective gives none).
 METRICS: dict[str, str] = {
     "image_auroc": "max", "pixel_auroc": "max", "aupro": "max", "pixel_f1_max": "max", "image_f1_max": "max",
@@ -198,6 +200,7 @@ class SearchSpace:
     backbones: dict[str, dict[str, Any]]
     heads: dict[str, dict[str, dict[str, Any]]]
     source: str = "space"
+    cache: dict[str, Any] = field(default_factory=lambda: dict(CACHE_DEFAULTS))
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -374,6 +377,7 @@ def validate_space(raw: Any, source: str = "space") -> SearchSpace:
     budget = _budget(top.get("budget"), source)
     resources = _resources(top.get("resources"), source)
     storage = _storage(top.get("storage"), source)
+    cache = _cache(top.get("cache"), source)
     trial = _trial(top.get("trial"), resources, source)
     space_raw = _mapping(top["space"], source, "space", ("backbones", "heads"), required=("backbones", "heads"))
     backbones = _backbones(space_raw["backbones"], source)
@@ -382,7 +386,7 @@ def validate_space(raw: Any, source: str = "space") -> SearchSpace:
     space = SearchSpace(
         name=name, data_root=data_root, categories=categories, image_size=image_size, objectives=objectives,
         sampler=sampler, scheduler=scheduler, budget=budget, resources=resources, storage=storage, trial=trial,
-        backbones=backbones, heads=heads, source=source, raw=dict(raw),
+        backbones=backbones, heads=heads, source=source, raw=dict(raw), cache=cache,
     )
     if sampler["name"] == "grid":
         grid_search_space(space)  # every parameter enumerable, the grid not absurdly large
@@ -523,6 +527,15 @@ def _resources(value: Any, source: str) -> dict[str, Any]:
     if gpu > 1 and gpu != int(gpu):
         raise _fail(source, "resources.gpu", f"must be a fraction below 1 or a whole number, got {gpu!r}")
     return res
+
+
+def _cache(value: Any, source: str) -> dict[str, Any]:
+    cache = {**CACHE_DEFAULTS, **_mapping(value, source, "cache", tuple(CACHE_DEFAULTS))}
+    _bool(cache["enabled"], source, "cache.enabled")
+    if cache["path"] is not None and not isinstance(cache["path"], str):
+        raise _fail(source, "cache.path", f"must be a folder path or null (the run folder), got {cache['path']!r}")
+    _number(cache["max_gb"], source, "cache.max_gb", above=0, want="a size in GB > 0")
+    return cache
 
 
 def _storage(value: Any, source: str) -> str | None:

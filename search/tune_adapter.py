@@ -34,8 +34,9 @@ ERROR_TEXT_LIMIT = 4000
 
 
 def run_trainable(params: dict[str, Any], *, space: SearchSpace, data_root: str, categories: list[str],
-                  run_path: str) -> None:
+                  run_path: str, cache_dir: str | None) -> None:
     """Tune function trainable: one anoseg trial, reporting after each category."""
+    from anoseg.cache import FeatureCache
     from anoseg.trial import run_trial  # heavy; imported once per (reused) worker
 
     record = RunDir(Path(run_path)).read_record(tune.get_context().get_trial_id())
@@ -52,7 +53,8 @@ def run_trainable(params: dict[str, Any], *, space: SearchSpace, data_root: str,
     try:
         cfg = trial_config(space, params)
         state["config"] = json.dumps(cfg)  # a string: Tune's loggers only take scalars
-        run_trial(cfg, data_root, categories, report)
+        cache = FeatureCache(cache_dir, max_bytes=int(space.cache["max_gb"] * 2**30))
+        run_trial(cfg, data_root, categories, report, cache=cache)
     except Exception as exc:  # noqa: BLE001 - a failing trial is data, not a crash
         if state["in_report"]:
             raise  # Tune's own control flow
@@ -234,7 +236,8 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
 def _trainable(space: SearchSpace, meta: Mapping[str, Any]) -> Any:
     resources = {"cpu": space.resources["cpu"], "gpu": space.resources["gpu"]}
     fn = tune.with_parameters(run_trainable, space=space, data_root=meta["data_root"],
-                              categories=list(meta["categories"]), run_path=meta["run_path"])
+                              categories=list(meta["categories"]), run_path=meta["run_path"],
+                              cache_dir=meta.get("cache_dir"))
     return tune.with_resources(fn, resources)
 
 
