@@ -8,7 +8,7 @@ ANOSEG := $(VENV)/bin/anoseg
 STAMP := $(VENV)/.install-stamp
 DATA ?= results/data/synthetic
 
-.PHONY: install demo demo-data evaluate-demo test test-fast clean
+.PHONY: install browser demo demo-data evaluate-demo test test-fast clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,13 @@ demo: demo-data
 evaluate-demo: demo-data
 	$(ANOSEG) evaluate --config configs/patchcore_lite0.yaml --data $(DATA) --json results/demo/patchcore_lite0.json
 
-test: $(STAMP)
+# The dashboard's browser test drives Debian's chromium (never a browser download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+test: $(STAMP) browser
 	$(PY) -m pytest
 
 test-fast: $(STAMP)

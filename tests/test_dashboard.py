@@ -1,0 +1,323 @@
+"""The run dashboard on a synthetic run folder: sections, figures, failures, a run with nothing finished.
+
+No Ray and no browser here (tests/test_dashboard_browser.py renders the page in Chromium).
+"""
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import plotly.graph_objects as go
+import pytest
+import yaml
+from plotly.offline import get_plotlyjs
+
+from search import dashboard
+from search.dashboard import FIGURE_IDS, SECTION_IDS, write_dashboard
+from search.run_dir import RunDir
+from search.space import distributions, layer_choice, validate_space
+from tests.search_helpers import TINY_SPACE
+
+CATEGORIES = ["brick", "grass", "gravel", "washer"]
+METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_f1_max", "image_f1_max", "fit_seconds", "ms_per_image")
+FAILED_ERROR = "DataError: cannot read image /data/washer/test/good/000.png: cannot identify image file"
+CRASH_ERROR = ("Failure # 1 (occurred at 2026-01-01_00-00-00)\nTraceback (most recent call last):\n"
+               "  File \"/x/ray/worker.py\", line 1, in run\n    raise WorkerCrashedError()\n"
+               "ray.exceptions.WorkerCrashedError: The worker died unexpectedly while executing this task.")
+#: The random-init resnet18 configuration the examples test refits (fast on the CPU).
+RESNET_CONFIG = {"backbone": {"name": "resnet18", "weights": "none"}, "layers": ["layer1", "layer2"], "image_size": 64,
+                 "head": {"name": "padim", "n_features": 16}}
+PLOTLY_JS_MARK = "* plotly.js v"  # the licence header that opens the embedded bundle
+
+
+def _space_dict(data_root: str) -> dict[str, Any]:
+    space = copy.deepcopy(TINY_SPACE)
+    space["name"] = "synth"
+    space["dataset"] = {"root": data_root, "categories": CATEGORIES, "image_size": 64}
+    return space
+
+
+def _params(i: int) -> dict[str, Any]:
+    layers = [["layer1"], ["layer1", "layer2"]][i % 2]
+    params: dict[str, Any] = {"backbone": "resnet18", "resnet18.layers": layer_choice(layers)}
+    if i % 3 == 2:
+        params.update({"head": "patchcore", "patchcore.coreset_ratio": round(0.01 * (1 + i % 5), 4)})
+    else:
+        params.update({"head": "padim", "padim.n_features": 8 + (7 * i) % 57})
+    return params
+
+
+def _config(params: dict[str, Any]) -> dict[str, Any]:
+    head = params["head"]
+    settings = {k.split(".", 1)[1]: v for k, v in params.items() if k.startswith(f"{head}.")}
+    return {"backbone": {"name": "resnet18", "weights": "none"}, "layers": params["resnet18.layers"].split("+"),
+            "image_size": 64, "head": {"name": head, **settings}, "batch_size": 16, "seed": 0, "device": "cpu"}
+
+
+def _per_category(rng: np.random.Generator, quality: float, n: int) -> dict[str, dict[str, float]]:
+    return {cat: {"image_auroc": min(1.0, quality + 0.02), "pixel_auroc": min(1.0, quality + 0.03),
+                  "aupro": float(np.clip(quality + rng.normal(0, 0.02), 0, 1)), "pixel_f1_max": quality - 0.2,
+                  "image_f1_max": quality, "fit_seconds": float(rng.uniform(0.2, 2)), "ms_per_image": float(rng.uniform(5, 60))}
+            for cat in CATEGORIES[:n]}
+
+
+def _means(per_category: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {k: float(np.mean([m[k] for m in per_category.values()])) for k in METRICS}
+
+
+def make_run(root: Path, data_root: str | Path = "/nonexistent/data", *, completed: int = 6, stopped: int = 2,
+             failed: bool = True, running: int = 1, best_config: dict[str, Any] | None = None, name: str = "synth") -> Path:
+    """A run folder as a search leaves it: run.json, space.yaml, records and a matching Optuna study.
+
+    `completed` trials saw every category, `stopped` ones 1-2, one `failed` (an unreadable image), one
+    `error` (a crashed worker) and one `lost` record when `failed`, `running` ones mid-way. The best
+    completed trial gets `best_config` as its recorded configuration when given.
+    """
+    rng = np.random.default_rng(0)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    path = root / name
+    path.mkdir(parents=True)
+    space = _space_dict(str(data_root))
+    (path / "space.yaml").write_text(yaml.safe_dump(space, sort_keys=False))
+    run = RunDir(path)
+    meta = {"name": name, "run_path": str(path.resolve()), "space_source": "synth.yaml", "data_root": str(data_root),
+            "categories": CATEGORIES, "objectives": [{"metric": "aupro", "mode": "max"}],
+            "study_name": f"{name}-20260101-000000", "storage": run.study_url, "address": None,
+            "created": 1.7e9, "status": "running" if running else "finished", "last_start": 1.7e9, "wall_seconds": 93.0}
+    run.write_meta(meta)
+    dists = distributions(validate_space(space, "synth.yaml"))
+    study = optuna.create_study(study_name=meta["study_name"], storage=meta["storage"], direction="maximize")
+
+    def add(trial_id: str, i: int, status: str, n_done: int, quality: float, **extra: Any) -> dict[str, Any]:
+        params = _params(i)
+        per = _per_category(rng, quality, n_done)
+        fields: dict[str, Any] = {"status": status, "started": 1.7e9 + 10 * i, "params": params, "per_category": per,
+                                  "metrics": {**_means(per), "peak_rss_mb": 900.0, "peak_gpu_mb": None} if per else {},
+                                  "step": n_done, "config": _config(params), **extra}
+        if status != "running":
+            fields["ended"] = 1.7e9 + 10 * i + 5
+        record = run.update_record(trial_id, **fields)
+        trial_dists = {k: dists[k] for k in params}
+        if status == "completed":
+            study.add_trial(optuna.trial.create_trial(params=params, distributions=trial_dists, value=record["metrics"]["aupro"]))
+        elif status == "stopped":
+            study.add_trial(optuna.trial.create_trial(params=params, distributions=trial_dists, state=optuna.trial.TrialState.PRUNED,
+                                                      intermediate_values={n_done: record["metrics"]["aupro"]}))
+        elif status in ("failed", "error"):
+            study.add_trial(optuna.trial.create_trial(params=params, distributions=trial_dists, state=optuna.trial.TrialState.FAIL))
+        return record
+
+    i = 0
+    for k in range(completed):
+        add(f"c{k:07d}", i, "completed", 4, 0.80 + 0.03 * k, stop_reason="evaluated every category")
+        i += 1
+    if completed and best_config is not None:  # the last completed trial is the best one
+        run.update_record(f"c{completed - 1:07d}", config=best_config)
+    for k in range(stopped):
+        add(f"s{k:07d}", i, "stopped", 1 + k % 2, 0.7, stop_reason=f"stopped early after {1 + k % 2}/4 categories")
+        i += 1
+    if failed:
+        add("f0000000", i, "failed", 3, 0.85, error=FAILED_ERROR, stop_reason="raised an error")
+        add("e0000000", i + 1, "error", 0, 0.0, error=CRASH_ERROR, stop_reason="crashed after 3 retries")
+        add("l0000000", i + 2, "lost", 0, 0.0, stop_reason="started just before the driver died")
+        i += 3
+    for k in range(running):
+        add(f"r{k:07d}", i, "running", k % 2, 0.9)
+        i += 1
+    run.write_table()
+    return path
+
+
+@pytest.fixture
+def run_path(tmp_path: Path) -> Path:
+    return make_run(tmp_path)
+
+
+def test_dashboard_has_every_section_once_with_plotly_embedded_once(run_path):
+    out = write_dashboard(run_path, examples=0)
+    assert out == run_path / "dashboard.html"
+    page = out.read_text()
+    for sid in SECTION_IDS:
+        assert page.count(f"<section id='{sid}'>") == 1, sid
+    for fid in FIGURE_IDS:
+        assert page.count(f'id="{fid}-plot"') == 1, fid
+    assert page.count(PLOTLY_JS_MARK) == 1, "plotly.js must be embedded exactly once"
+    own = page.replace(get_plotlyjs(), "")  # the page without the bundle (which names URLs it never loads here)
+    assert "<script src=" not in own and "https://" not in own, "the page must not load anything from the network"
+    # header: run facts and the best trial
+    assert "brick → grass → gravel → washer" in page and "aupro (max)" in page
+    for text in ("6 completed", "2 stopped", "1 running", "1 failed", "1 error", "1 lost"):
+        assert text in page, text
+    assert "Best trial <code>c0000005</code>" in page
+    # failures: the count, the error messages (the crash reduced to its exception line), the stop reasons
+    assert "Failed trials (3)" in page and "3 failed trials (of 12)" in page
+    assert dashboard.error_line(FAILED_ERROR) in page.replace("&#x27;", "'")
+    assert "ray.exceptions.WorkerCrashedError: The worker died unexpectedly" in page
+    assert "crashed after 3 retries" in page and "raised an error" in page
+    assert "Examples skipped" in page
+    assert "anoseg 0.1.0" in page and "Generated " in page
+
+
+def test_dashboard_out_path_and_rerender_while_running(run_path, tmp_path):
+    out = write_dashboard(run_path, out=tmp_path / "elsewhere" / "d.html", examples=0)
+    assert out.is_file() and not (run_path / "dashboard.html").exists()
+    assert "The search is still running" in out.read_text()
+    # a trial finishes: the next render shows it
+    RunDir(run_path).update_record("r0000000", status="failed", error="OSError: disk full", ended=time.time())
+    assert "OSError: disk full" in write_dashboard(run_path, out=out, examples=0).read_text()
+
+
+def test_run_with_no_finished_trial_renders(tmp_path):
+    path = make_run(tmp_path, completed=0, stopped=0, failed=False, running=2)
+    page = write_dashboard(path, examples=4).read_text()
+    assert "No trial has evaluated every category yet" in page
+    assert dashboard.NO_VALUE in page or "No completed trial yet." in page
+    assert "parameter importance needs at least 2" in page
+    assert "No completed trial yet: examples come" in page
+    for sid in SECTION_IDS:
+        assert f"<section id='{sid}'>" in page
+
+
+def test_empty_run_without_records_or_study(tmp_path):
+    path = tmp_path / "empty"
+    RunDir(path).write_meta({"name": "empty", "data_root": "/nowhere", "categories": ["a", "b"],
+                             "objectives": [{"metric": "aupro", "mode": "max"}], "study_name": "empty-1",
+                             "storage": f"sqlite:///{(path / 'optuna.db').resolve()}", "status": "running"})
+    page = write_dashboard(path, examples=0).read_text()
+    assert "the Optuna study could not be read" in page and "space.yaml is missing" in page
+    assert not (path / "optuna.db").exists(), "reading the dashboard must not create a study database"
+    assert page.count(PLOTLY_JS_MARK) == 1
+
+
+def test_missing_data_root_gives_a_note(run_path):
+    page = write_dashboard(run_path, examples=2).read_text()
+    assert "The data root /nonexistent/data is not available here: no examples." in page
+
+
+def test_examples_on_the_synthetic_dataset(tmp_path, synthetic_root):
+    path = make_run(tmp_path, data_root=synthetic_root, best_config=RESNET_CONFIG, failed=False, running=0)
+    page = write_dashboard(path, examples=1).read_text()
+    assert page.count('<img src="data:image/png;base64,') == 1
+    assert "fitted again on <b>" in page and "image score" in page
+
+
+# ----------------------------------------------------------------------------------------------- figures
+
+
+@pytest.fixture
+def table(run_path):
+    return dashboard.load_run(run_path).df
+
+
+def _has_data(fig: go.Figure) -> bool:
+    return isinstance(fig, go.Figure) and len(fig.data) > 0
+
+
+def test_history_figure(table):
+    fig = dashboard.history_figure(table, "aupro", "max")
+    assert _has_data(fig)
+    names = [t.name for t in fig.data]
+    assert "completed" in names and "best so far" in names and any(n.startswith("stopped early") for n in names)
+    best = next(t for t in fig.data if t.name == "best so far")
+    assert list(best.y) == sorted(best.y), "best so far never decreases for a max objective"
+    stopped = next(t for t in fig.data if t.name.startswith("stopped early"))
+    assert stopped.marker.color == dashboard.GREY
+
+
+def test_parallel_figure_encodes_categories_and_conditional_settings(table, run_path):
+    space = dashboard.load_run(run_path).space
+    fig = dashboard.parallel_figure(table, "aupro", "max", distributions(space))
+    assert _has_data(fig)
+    dims = {d.label: d for d in fig.data[0].dimensions}
+    assert {"backbone", "layers", "head", "padim.n_features", "patchcore.coreset_ratio", "aupro"} <= set(dims)
+    assert list(dims["head"].ticktext) == ["padim", "patchcore"]
+    assert dashboard.NA in dims["padim.n_features"].ticktext  # a patchcore trial has no n_features
+    assert len(dims["aupro"].values) == 6
+
+
+def test_importance_per_common_and_per_head_parameters(run_path):
+    study = dashboard.load_study(dashboard.load_run(run_path).meta)
+    sets, notes = dashboard.param_importances(study)
+    labels = [s.label for s in sets]
+    assert labels[0] == "all 6 complete trials"
+    assert set(sets[0].importances) <= {"head", "resnet18.layers", "backbone"} and "head" in sets[0].importances
+    padim = next(s for s in sets if s.label.startswith("head = padim"))
+    assert "padim.n_features" in padim.importances
+    assert abs(sum(padim.importances.values()) - 1) < 1e-6
+    assert _has_data(dashboard.importance_figure(sets, "aupro", notes))
+
+
+def test_importance_needs_two_complete_trials(tmp_path):
+    study = optuna.create_study()
+    study.add_trial(optuna.trial.create_trial(params={"x": 1.0}, distributions={"x": optuna.distributions.FloatDistribution(0, 2)}, value=1.0))
+    sets, notes = dashboard.param_importances(study)
+    assert sets == [] and "needs at least 2" in notes[0]
+    fig = dashboard.importance_figure(sets, "aupro", notes)
+    assert "needs at least 2" in fig.layout.annotations[0].text
+
+
+def test_pareto_figure_and_mask(table):
+    mask = dashboard.pareto_mask([0.9, 0.8, 0.95, 0.7], [10, 5, 20, 30])
+    assert mask.tolist() == [True, True, True, False]
+    fig = dashboard.pareto_figure(table)
+    assert _has_data(fig)
+    front = next(t for t in fig.data if t.name.startswith("Pareto front"))
+    xs, ys = np.array(front.x, dtype=float), np.array(front.y, dtype=float)
+    assert (np.diff(xs) >= 0).all() and (np.diff(ys) >= 0).all(), "along the front, more cost buys more quality"
+    assert "resnet18 [" in front.customdata[0][1]  # hover shows the configuration
+
+
+def test_category_heatmap(table):
+    fig = dashboard.category_heatmap(table, CATEGORIES, "aupro", "max", top=4)
+    assert _has_data(fig)
+    heat = fig.data[0]
+    assert list(heat.y) == [*CATEGORIES, "mean"] and len(heat.x) == 4
+    assert heat.x[0] == "1. c0000005"
+    assert dashboard.category_heatmap(table, CATEGORIES, "aupro", "max").data[0].z is not None
+
+
+def test_comparison_figure(table):
+    fig = dashboard.comparison_figure(table, "aupro", "max")
+    assert _has_data(fig)
+    assert {t.x[0] for t in fig.data if t.type == "box"} == {"resnet18", "padim", "patchcore"}
+
+
+def test_failures_html_and_error_line(table):
+    text = dashboard.failures_html(table)
+    assert "3 failed trials" in text and "f0000000" in text and "e0000000" in text and "l0000000" in text
+    assert dashboard.error_line(CRASH_ERROR).startswith("ray.exceptions.WorkerCrashedError")
+    assert dashboard.error_line("ValueError: bad\nmore") == "ValueError: bad"
+    assert dashboard.error_line(None) == ""
+
+
+def test_figures_on_an_empty_table_hold_a_note():
+    from search.run_dir import collate
+
+    empty = collate([], {"categories": CATEGORIES})
+    for fig in (dashboard.history_figure(empty), dashboard.parallel_figure(empty), dashboard.pareto_figure(empty),
+                dashboard.category_heatmap(empty, CATEGORIES), dashboard.comparison_figure(empty)):
+        assert isinstance(fig, go.Figure) and not fig.data and fig.layout.annotations
+
+
+def test_example_category_is_the_weakest():
+    row = {"brick/aupro": 0.9, "grass/aupro": 0.7, "gravel/aupro": None}
+    assert dashboard.example_category(row, ["brick", "grass", "gravel"])[0] == "grass"
+    assert dashboard.example_category({}, ["brick", "grass"])[0] == "brick"
+
+
+def test_dashboard_does_not_import_ray():
+    code = "import sys, search.dashboard, search.examples; assert 'ray' not in sys.modules, 'ray imported'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert result.returncode == 0, result.stderr
+
+
+def test_cli_entry(run_path, tmp_path):
+    out = tmp_path / "cli.html"
+    assert dashboard.main([str(run_path), "--out", str(out), "--examples", "0"]) == 0
+    assert out.is_file() and "<section id='history'>" in out.read_text()
