@@ -25,16 +25,29 @@ EXPECTED = {
     "hrnet_w18_small": "timm",
     "hrnet_w18": "timm",
     "hrnet_w32": "timm",
+    "hrnet_w48": "timm",
     "resnet18": "timm",
+    "resnet50": "timm",
     "wide_resnet50_2": "timm",
+    "wide_resnet101_2": "timm",
+    "densenet121": "timm",
+    "convnext_tiny": "timm",
+    "efficientnet_b0": "timm",
+    "efficientnet_b4": "timm",
+    "mobilenetv3_large_100": "timm",
     "tf_efficientnet_lite0": "timm",
     "tf_efficientnet_lite1": "timm",
     "tf_efficientnet_lite2": "timm",
     "deeplabv3_resnet50": "torchvision-segmentation",
+    "deeplabv3_resnet101": "torchvision-segmentation",
+    "deeplabv3_mobilenet_v3_large": "torchvision-segmentation",
     "fcn_resnet50": "torchvision-segmentation",
+    "fcn_resnet101": "torchvision-segmentation",
     "lraspp_mobilenet_v3_large": "torchvision-segmentation",
     "fasterrcnn_resnet50_fpn_v2": "torchvision-detection",
+    "maskrcnn_resnet50_fpn_v2": "torchvision-detection",
     "retinanet_resnet50_fpn_v2": "torchvision-detection",
+    "fcos_resnet50_fpn": "torchvision-detection",
 }
 LITES = ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"]
 HAS_LITE_PACKAGES = all(
@@ -112,12 +125,14 @@ def test_list_backbones():
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_layers_shapes_and_freezing(name):
+    """Every registered backbone, random init, every listed layer at once: each gives a map of the declared
+    channels and ``ceil(size / stride)`` sides."""
     layers = B.backbone_layers(name)
     assert len(layers) >= 4
     assert all(l.channels > 0 and l.stride in (2, 4, 8, 16, 32, 64, 128) for l in layers)
     assert len({l.name for l in layers}) == len(layers)
-    # the first and the deepest layers, asked for in reverse order
-    chosen = [layers[-1], layers[0]]
+    # every layer, asked for deepest first (the output follows the requested order)
+    chosen = layers[::-1]
     ext = B.create_backbone(name, [l.name for l in chosen], weights="none")
     assert ext.layers == tuple(l.name for l in chosen)
     assert ext.weights == "none (random init)" and ext.pretrained is False
@@ -135,6 +150,7 @@ def test_layers_shapes_and_freezing(name):
             assert tuple(out[l.name].shape) == (1, l.channels, side, side), (name, l, size)
             assert torch.isfinite(out[l.name]).all()
     if ext.size_divisor > 1:
+        assert ext.size_divisor == 32  # every layer asked for: the deepest stride
         with pytest.raises(ConfigError, match="multiples of 32"):
             _forward(ext, 72)
 

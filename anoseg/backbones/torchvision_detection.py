@@ -2,9 +2,10 @@
 
 Run through ``model.backbone`` directly on the normalised image (no GeneralizedRCNNTransform resize).
 Layers: ``body.layer1``..``body.layer4`` (strides 4..32) and the FPN outputs named as the model returns
-them: Faster R-CNN ``fpn.0``..``fpn.3`` (strides 4..32) + ``fpn.pool`` (64); RetinaNet ``fpn.0``..``fpn.2``
-(strides 8..32, from layer2..layer4) + ``fpn.p6`` (64), ``fpn.p7`` (128). All FPN levels have 256 channels.
-Asking only for body layers runs only the body up to the deepest one.
+them: Faster / Mask R-CNN ``fpn.0``..``fpn.3`` (P2-P5, strides 4..32) + ``fpn.pool`` (64); RetinaNet and
+FCOS ``fpn.0``..``fpn.2`` (P3-P5, strides 8..32, from layer2..layer4) + ``fpn.p6`` (64), ``fpn.p7`` (128)
+(RetinaNet v2 computes P6 from C5, FCOS from P5). All FPN levels have 256 channels. Asking only for body
+layers runs only the body up to the deepest one.
 """
 from __future__ import annotations
 
@@ -74,3 +75,29 @@ def _retinanet_resnet50_fpn_v2(layers, weights):
     return build_torchvision(
         "retinanet_resnet50_fpn_v2", retinanet_resnet50_fpn_v2, layers, weights, all_layers, DetectionBody
     )
+
+
+@register_backbone(
+    "maskrcnn_resnet50_fpn_v2",
+    family="torchvision-detection",
+    description="Mask R-CNN v2 ResNet-50-FPN (torchvision, COCO); body.layer1..4, fpn.0..3 + fpn.pool",
+)
+def _maskrcnn_resnet50_fpn_v2(layers, weights):
+    from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
+
+    all_layers = BODY_LAYERS + ["fpn.0", "fpn.1", "fpn.2", "fpn.3", "fpn.pool"]
+    return build_torchvision(
+        "maskrcnn_resnet50_fpn_v2", maskrcnn_resnet50_fpn_v2, layers, weights, all_layers, DetectionBody
+    )
+
+
+@register_backbone(
+    "fcos_resnet50_fpn",
+    family="torchvision-detection",
+    description="FCOS ResNet-50-FPN (torchvision, COCO); body.layer1..4, fpn.0..2 (stride 8..32) + fpn.p6, fpn.p7",
+)
+def _fcos_resnet50_fpn(layers, weights):
+    from torchvision.models.detection import fcos_resnet50_fpn
+
+    all_layers = BODY_LAYERS + ["fpn.0", "fpn.1", "fpn.2", "fpn.p6", "fpn.p7"]
+    return build_torchvision("fcos_resnet50_fpn", fcos_resnet50_fpn, layers, weights, all_layers, DetectionBody)
