@@ -1,4 +1,5 @@
-"""`anoseg search run | status | resume`, plugged into the anoseg CLI through an entry point."""
+"""`anoseg search run | status | resume`, `anoseg export` and `anoseg dashboard`, plugged into the anoseg CLI
+through an entry point."""
 from __future__ import annotations
 
 import argparse
@@ -29,6 +30,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from search.export import export_run
+
+    result = export_run(args.run, args.out, objective=args.objective, mode=args.mode, per_category=args.per_category)
+    print(result.summary())
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from search.dashboard import write_dashboard
+
+    path = write_dashboard(args.run, Path(args.out) if args.out else None, examples=args.examples)
+    print(f"wrote {path}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `search` command group to the anoseg CLI."""
     search = sub.add_parser("search", help="architecture / hyper-parameter search with Ray Tune + Optuna")
@@ -50,6 +69,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     resume.add_argument("run", help="run folder, e.g. results/quick")
     resume.add_argument("--address", help="Ray cluster address (default: the one the run started with)")
     resume.set_defaults(func=cmd_resume)
+
+    export = sub.add_parser("export", help="write a search run's best configuration (YAML with metrics and provenance)")
+    export.add_argument("run", help="run folder, e.g. results/quick")
+    export.add_argument("--out", required=True, help="YAML file to write, e.g. best.yaml")
+    export.add_argument("--objective", help="rank by this metric instead of the run's objective(s): image_auroc, "
+                        "pixel_auroc, aupro, pixel_f1_max, image_f1_max, fit_seconds, ms_per_image")
+    export.add_argument("--mode", choices=["max", "min"], help="max or min (default: the run's, or the metric's natural one)")
+    export.add_argument("--per-category", action="store_true",
+                        help="the best trial of each category (by <category>/<metric>), under `categories:`")
+    export.set_defaults(func=cmd_export)
+
+    dashboard = sub.add_parser("dashboard", help="write a run's self-contained HTML dashboard")
+    dashboard.add_argument("run", help="run folder, e.g. results/quick")
+    dashboard.add_argument("--out", help="HTML file to write (default: in the run folder)")
+    dashboard.add_argument("--examples", type=int, default=4, help="example anomaly maps of the best trial (default 4)")
+    dashboard.set_defaults(func=cmd_dashboard)
 
 
 if __name__ == "__main__":  # pragma: no cover
