@@ -21,10 +21,14 @@ install: $(STAMP)
 demo-data: $(STAMP)
 	@if [ -d "$(DATA)" ]; then echo "dataset already at $(DATA)"; else $(ANOSEG) data synth $(DATA); fi
 
-RUN ?= quick-$(shell date +%Y%m%d-%H%M%S)
+ifndef RUN
+RUN := quick-$(shell date +%Y%m%d-%H%M%S)
+endif
 
 demo: demo-data
 	$(ANOSEG) search run spaces/quick.yaml --data $(DATA) --name $(RUN)
+	$(ANOSEG) dashboard results/$(RUN)
+	$(ANOSEG) export results/$(RUN) --out results/$(RUN)/best.yaml
 
 evaluate-demo: demo-data
 	$(ANOSEG) evaluate --config configs/patchcore_lite0.yaml --data $(DATA) --json results/demo/patchcore_lite0.json
