@@ -306,7 +306,7 @@ MISTAKES = [
     ("bad weights value", with_change("space.backbones.tf_efficientnet_lite0.weights", "imagenet"),
      [r"space\.backbones\.tf_efficientnet_lite0\.weights:.*offline \| hub \| none"]),
     ("unknown head", with_change("space.heads.knn", {}),
-     [r"space\.heads\.knn: unknown head 'knn'; allowed: padim, patchcore"]),
+     [r"space\.heads\.knn: unknown head 'knn'; allowed: .*padim, patchcore"]),
     ("unknown head setting", with_change("space.heads.patchcore.coreset", 0.1),
      [r"space\.heads\.patchcore\.coreset: unknown setting 'coreset'", r"did you mean 'coreset_ratio'",
       r"allowed: coreset_ratio \(default 0\.1\), k"]),

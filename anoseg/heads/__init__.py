@@ -2,6 +2,6 @@
 from __future__ import annotations
 
 from anoseg.heads.base import HEADS, Head, anomaly_maps, create_head, head_defaults, register_head
-from anoseg.heads import padim, patchcore  # noqa: F401  (registers the heads)
+from anoseg.heads import feature_dictionary, gaussian_ad, padim, patchcore  # noqa: F401  (registers the heads)
 
 __all__ = ["HEADS", "Head", "anomaly_maps", "create_head", "head_defaults", "register_head"]
