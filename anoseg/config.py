@@ -125,13 +125,17 @@ def _int(raw: Mapping[str, Any], key: str, default: int, low: int, high: int, so
     return value
 
 
-def load_config(path: str | Path) -> TrialConfig:
-    """Read and validate a trial configuration YAML file."""
+def read_yaml(path: str | Path) -> Any:
+    """Load a YAML file; a missing file or invalid YAML is a ConfigError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return TrialConfig.from_dict(raw, source=str(path))
+
+
+def load_config(path: str | Path) -> TrialConfig:
+    """Read and validate a trial configuration YAML file."""
+    return TrialConfig.from_dict(read_yaml(path), source=str(path))

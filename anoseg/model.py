@@ -107,15 +107,10 @@ class ExportedFile:
 
 def read_exported(path: str | Path) -> ExportedFile:
     """Read an exported configuration (single, per-category or Pareto) or a plain trial configuration."""
-    import yaml
+    from anoseg.config import read_yaml
 
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    raw = read_yaml(path)
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{path}: expected a mapping (a trial configuration or an `anoseg export` file)")
     header = dict(raw.get("provenance") or {}) if ("categories" in raw or "pareto" in raw) else {}

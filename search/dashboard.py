@@ -48,7 +48,7 @@ from plotly.subplots import make_subplots
 
 import anoseg
 from search.run_dir import COMPLETED, ERROR, FAILED, LOST, RUNNING, STOPPED, RunDir, best_trial, collate
-from search.space import METRICS, SearchSpace, distributions, trial_config
+from search.space import METRICS, SearchSpace, describe, distributions, short_value, trial_config
 
 DASHBOARD_FILE = "dashboard.html"
 FIGURE_IDS = ("history", "parallel", "importance", "pareto", "heatmap", "comparison")
@@ -147,17 +147,6 @@ def params_of(row: Mapping[str, Any]) -> dict[str, Any]:
     """A table row's Optuna parameters (``param.<name>`` columns that are set)."""
     return {k[len("param."):]: v for k, v in row.items() if k.startswith("param.") and not _missing(v)}
 
-
-def describe(params: Mapping[str, Any]) -> str:
-    """backbone [layers] head(settings)."""
-    backbone, head = params.get("backbone", "?"), params.get("head", "?")
-    layers = params.get(f"{backbone}.layers", "")
-    settings = ", ".join(f"{k.split('.', 1)[1]}={_short(v)}" for k, v in sorted(params.items()) if k.startswith(f"{head}."))
-    return f"{backbone} [{layers}] {head}({settings})"
-
-
-def _short(value: Any) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def _label(value: Any) -> str:
@@ -272,7 +261,7 @@ def _dimension(label: str, values: Sequence[Any], dist: Any = None) -> dict[str,
     na_at = lo - 0.15 * span
     encoded = [na_at if _missing(v) else to_axis(float(v)) for v in values]
     ticks = list(np.linspace(lo, hi, 5))
-    text = [_short(10 ** t if log and low > 0 else (round(t) if isinstance(dist, optuna.distributions.IntDistribution) else t))
+    text = [short_value(10 ** t if log and low > 0 else (round(t) if isinstance(dist, optuna.distributions.IntDistribution) else t))
             for t in ticks]
     if has_na:
         ticks, text = [na_at, *ticks], [NA, *text]
@@ -472,7 +461,7 @@ def pareto_figure(df: pd.DataFrame, quality: tuple[str, str] = ("aupro", "max"),
     fig.update_xaxes(title=f"{cm} ({'lower' if cmode == 'min' else 'higher'} is better)" + (", log scale" if log else ""))
     if log:
         ticks = log_ticks(low, high)
-        fig.update_xaxes(type="log", tickvals=ticks, ticktext=[_short(float(t)) for t in ticks])
+        fig.update_xaxes(type="log", tickvals=ticks, ticktext=[short_value(float(t)) for t in ticks])
     fig.update_yaxes(title=f"{qm} ({'higher' if qmode == 'max' else 'lower'} is better)")
     return fig
 

@@ -948,3 +948,15 @@ def _make_sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
     if name == "grid":
         return AskTellGridSampler(grid_search_space(space), seed=seed)
     raise ConfigError(f"{space.source}: sampler.name: unknown sampler {name!r}; allowed: {', '.join(SAMPLERS)}")
+
+
+def describe(params: Mapping[str, Any]) -> str:
+    """A short human description of a trial's parameters: backbone [layers] head(settings)."""
+    backbone, head = params.get("backbone", "?"), params.get("head", "?")
+    layers = params.get(f"{backbone}.layers", "")
+    settings = ", ".join(f"{k.split('.', 1)[1]}={short_value(v)}" for k, v in sorted(params.items()) if k.startswith(f"{head}."))
+    return f"{backbone} [{layers}] {head}({settings})"
+
+
+def short_value(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)

@@ -26,7 +26,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from search.run_dir import COMPLETED, ERROR, FAILED, FINISHED, LOST, RUNNING, STOPPED, RunDir, best_trial
-from search.space import SearchSpace, define_by_run, make_sampler, trial_config
+from search.space import SearchSpace, define_by_run, describe, make_sampler, trial_config
 
 logger = logging.getLogger(__name__)
 MAX_RETRIES = 3  # per trial, for Ray-level failures (lost worker or node)
@@ -204,17 +204,6 @@ def _error_text(trial: Any) -> str:
         return Path(path).read_text()[-ERROR_TEXT_LIMIT:]
     return str(getattr(trial, "error_msg", "") or "unknown error")
 
-
-def describe(params: Mapping[str, Any]) -> str:
-    """A short human description of a trial's parameters."""
-    backbone, head = params.get("backbone", "?"), params.get("head", "?")
-    layers = params.get(f"{backbone}.layers", "")
-    settings = ", ".join(f"{k.split('.', 1)[1]}={_short(v)}" for k, v in sorted(params.items()) if k.startswith(f"{head}."))
-    return f"{backbone} [{layers}] {head}({settings})"
-
-
-def _short(value: Any) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
