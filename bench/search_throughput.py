@@ -12,6 +12,7 @@ cache and an empty run folder, and both modes use the same seed, so they run the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -46,7 +47,8 @@ def one_search(space_file: Path, data: str, trials: int, cache: bool, workdir: P
     space = workdir / f"{tag}.yaml"
     space.write_text(yaml.safe_dump(raw))
     start = time.perf_counter()
-    run = start_search(space, data=data, results=workdir / "results")
+    with contextlib.redirect_stdout(sys.stderr):  # the search's progress lines; stdout is the JSON
+        run = start_search(space, data=data, results=workdir / "results")
     wall = time.perf_counter() - start
     df = RunDir(run.path).table()
     concurrency = raw["budget"].get("max_concurrent", 1)
