@@ -1,10 +1,12 @@
 """Shared fixtures: a tiny hand-made MVTec-layout dataset and the synthetic dataset."""
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 
@@ -38,3 +40,27 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("synthetic")
     generate(root, seed=0, image_size=128, n_train=12, n_test_good=4, n_test_per_defect=2)
     return root
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to resolve a host or open a connection fails at once, as on an offline machine."""
+
+    def refuse(*args, **kwargs):
+        raise OSError("network disabled by the test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+@pytest.fixture
+def empty_hub_caches(tmp_path, monkeypatch):
+    """Empty torch hub and Hugging Face caches."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)  # in case someone called torch.hub.set_dir
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    return tmp_path

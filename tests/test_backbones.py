@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import re
-import socket
 import time
 from pathlib import Path
 
@@ -73,30 +72,6 @@ def _fast_cpu():
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Converted offline weights go to a per-session temporary cache, never to ~/.cache."""
     monkeypatch.setenv("ANOSEG_CACHE", str(tmp_path_factory.getbasetemp() / "anoseg-cache"))
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any attempt to resolve a host or open a connection fails at once, as on an offline machine."""
-
-    def refuse(*args, **kwargs):
-        raise OSError("network disabled by the test")
-
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-
-
-@pytest.fixture
-def empty_hub_caches(tmp_path, monkeypatch):
-    """Empty torch hub and Hugging Face caches."""
-    from huggingface_hub import constants
-
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(torch.hub, "_hub_dir", None)  # in case someone called torch.hub.set_dir
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
-    return tmp_path
 
 
 def _forward(ext, size=64, batch=1, seed=0):
