@@ -265,7 +265,7 @@ class FittedModel:
     def predict(self, images: torch.Tensor, batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Anomaly maps (N, S, S) and image scores (N,) on the CPU for images (N, 3, S, S) in [0, 1]."""
         from anoseg.features import combine_layers, extract_layers
-        from anoseg.heads import anomaly_maps
+        from anoseg.heads import final_maps
 
         images = self.check_images(images)
         batch_size = batch_size or self.config.batch_size
@@ -274,9 +274,7 @@ class FittedModel:
             batch = images[first:first + batch_size]
             layer_maps = extract_layers(self.backbone, batch, batch_size, self.device)
             features = combine_layers(layer_maps, self.config.layers, self.head.patch_size)
-            patch_maps, image_scores = self.head.score(features)
-            maps = anomaly_maps(patch_maps, self.image_size)
-            scores = maps.amax(dim=(1, 2)) if image_scores is None else image_scores
+            maps, scores = final_maps(self.head, features, self.image_size)
             maps_out.append(maps.float().cpu())
             scores_out.append(scores.float().cpu())
         return torch.cat(maps_out), torch.cat(scores_out)
@@ -409,7 +407,7 @@ def fit_model(
     thresholds there and (with `out_dir`) save the model folder. Returns the FittedModel."""
     from anoseg.backbones import create_backbone
     from anoseg.data import category_fingerprint, load_test, load_train, resolve_categories
-    from anoseg.features import combine_layers, extract_layers, resolve_device
+    from anoseg.features import combine_layers, extract_layers, resolve_device, synchronize
     from anoseg.heads import create_head
     from anoseg.metrics import evaluate
 
@@ -423,11 +421,11 @@ def fit_model(
 
     train = load_train(data_root, category, cfg.image_size)
     say(f"fitting {cfg.head_name} on {len(train)} training images of {category} ({cfg.backbone.name}, {backbone.weights})")
-    _sync(dev)
+    synchronize(dev)
     start = time.perf_counter()
     features = combine_layers(extract_layers(backbone, train, cfg.batch_size, dev), cfg.layers, head.patch_size)
     head.fit(features)
-    _sync(dev)
+    synchronize(dev)
     fit_seconds = time.perf_counter() - start
     n_train = len(train)
     del features, train
@@ -437,7 +435,7 @@ def fit_model(
     say(f"evaluating on {len(test.images)} test images")
     start = time.perf_counter()
     maps, scores = model.predict(test.images)
-    _sync(dev)
+    synchronize(dev)
     ms_per_image = (time.perf_counter() - start) * 1000 / len(test.images)
 
     labels = np.asarray(test.labels).astype(bool)
@@ -507,9 +505,6 @@ def _map_sigma() -> float:
     return float(MAP_SIGMA)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # --------------------------------------------------------------------------- load

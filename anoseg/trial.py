@@ -17,8 +17,8 @@ from anoseg.backbones import create_backbone
 from anoseg.config import TrialConfig
 from anoseg.cache import CacheKey, FeatureCache, cached_layer_maps
 from anoseg.data import category_fingerprint, load_images, load_test, load_train, resolve_categories
-from anoseg.features import combine_layers, extract_layers, resolve_device
-from anoseg.heads import anomaly_maps, create_head
+from anoseg.features import combine_layers, extract_layers, resolve_device, synchronize
+from anoseg.heads import create_head, final_maps
 from anoseg.metrics import evaluate
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "pixel_f1_max", "image_f1_max")
@@ -34,11 +34,6 @@ def peak_memory_mb(device: torch.device) -> dict[str, float | None]:
     return {"peak_rss_mb": round(rss_mb, 1), "peak_gpu_mb": None if gpu is None else round(gpu, 1)}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _layer_maps(
     backbone: torch.nn.Module, cfg: TrialConfig, cache: FeatureCache, keys: dict[str, CacheKey],
     load_images: Callable[[], torch.Tensor], device: torch.device,
@@ -47,10 +42,10 @@ def _layer_maps(
 
     def compute(layers: list[str]) -> tuple[dict[str, torch.Tensor], float]:
         images = load_images()
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         maps = extract_layers(backbone, images, cfg.batch_size, device)
-        _sync(device)
+        synchronize(device)
         return {layer: maps[layer] for layer in layers}, (time.perf_counter() - start) / len(images)
 
     return cached_layer_maps(cache, keys, compute)
@@ -78,10 +73,10 @@ def evaluate_category(
     train_maps, train_seconds = _layer_maps(
         backbone, cfg, cache, keys("train"), lambda: load_train(data_root, category, cfg.image_size), device)
     n_train = len(next(iter(train_maps.values())))
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     head.fit(combine_layers(train_maps, cfg.layers, head.patch_size).to(device))
-    _sync(device)
+    synchronize(device)
     fit_seconds = train_seconds * n_train + time.perf_counter() - start
     del train_maps
 
@@ -92,11 +87,10 @@ def evaluate_category(
     maps_list, scores_list = [], []
     for first in range(0, len(test.paths), cfg.batch_size):
         batch = {layer: m[first:first + cfg.batch_size] for layer, m in test_maps.items()}
-        patch_maps, image_scores = head.score(combine_layers(batch, cfg.layers, head.patch_size).to(device))
-        maps = anomaly_maps(patch_maps, cfg.image_size)
+        maps, scores = final_maps(head, combine_layers(batch, cfg.layers, head.patch_size).to(device), cfg.image_size)
         maps_list.append(maps.cpu())
-        scores_list.append((maps.amax(dim=(1, 2)) if image_scores is None else image_scores).cpu())
-    _sync(device)
+        scores_list.append(scores.cpu())
+    synchronize(device)
     ms_per_image = (test_seconds + (time.perf_counter() - start) / len(test.paths)) * 1000
 
     metrics = evaluate(torch.cat(maps_list), torch.cat(scores_list), test.masks, test.labels)

@@ -160,6 +160,12 @@ def test_documented_layer_tables():
         ("tf_efficientnet_lite0", "blocks.1", "blocks.6"),
         ("deeplabv3_resnet50", "layer2", "head"),
         ("fasterrcnn_resnet50_fpn_v2", "body.layer2", "fpn.0"),
+        ("mobilenetv3_large_100", "blocks.1", "blocks.6"),  # MobileNetV3Features blocks are truncated here
+        ("efficientnet_b0", "blocks.1", "blocks.6"),
+        ("convnext_tiny", "stages.0", "stages.3"),  # timm's FeatureListNet stops at the deepest layer
+        ("densenet121", "features.denseblock1", "features.norm5"),
+        ("deeplabv3_mobilenet_v3_large", "features.4", "aspp"),
+        ("fcos_resnet50_fpn", "body.layer2", "fpn.p7"),
     ],
 )
 def test_only_needed_part_is_built(name, shallow, deep):

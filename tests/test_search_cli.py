@@ -1,8 +1,6 @@
 """The `anoseg search` commands: bad input stops before anything launches; status reads a run folder."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import yaml
 

@@ -108,3 +108,10 @@ def anomaly_maps(patch_maps: torch.Tensor, size: int, sigma: float = MAP_SIGMA) 
         kernel = 2 * int(4.0 * sigma + 0.5) + 1
         maps = gaussian_blur(maps, kernel_size=[kernel, kernel], sigma=[sigma, sigma])
     return maps[:, 0]
+
+
+def final_maps(head: Head, features: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score features: anomaly maps (N, size, size) and image scores (the head's own, else the map maximum)."""
+    patch_maps, image_scores = head.score(features)
+    maps = anomaly_maps(patch_maps, size)
+    return maps, maps.amax(dim=(1, 2)) if image_scores is None else image_scores
