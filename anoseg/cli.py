@@ -108,6 +108,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     done = [0]
 
     def progress(metrics: dict[str, Any], step: int) -> None:
+        if metrics.get("fidelity_unit") == "epochs":  # a trainable head: every category after each epoch
+            print(f"[epoch {step}/{metrics['fidelity_total']}] loss {metrics['loss']:.4f}, mean image AUROC "
+                  f"{metrics['image_auroc']:.3f}, pixel AUROC {metrics['pixel_auroc']:.3f}, AUPRO {metrics['aupro']:.3f}",
+                  file=sys.stderr, flush=True)
+            return
         cat = metrics["category"]
         done[0] += 1
         print(

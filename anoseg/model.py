@@ -264,7 +264,7 @@ class FittedModel:
     @torch.inference_mode()
     def predict(self, images: torch.Tensor, batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Anomaly maps (N, S, S) and image scores (N,) on the CPU for images (N, 3, S, S) in [0, 1]."""
-        from anoseg.features import combine_layers, extract_layers
+        from anoseg.features import extract_layers
         from anoseg.heads import final_maps
 
         images = self.check_images(images)
@@ -273,8 +273,7 @@ class FittedModel:
         for first in range(0, len(images), batch_size):
             batch = images[first:first + batch_size]
             layer_maps = extract_layers(self.backbone, batch, batch_size, self.device)
-            features = combine_layers(layer_maps, self.config.layers, self.head.patch_size)
-            maps, scores = final_maps(self.head, features, self.image_size)
+            maps, scores = final_maps(self.head, layer_maps, self.config.layers, self.image_size, images=batch)
             maps_out.append(maps.float().cpu())
             scores_out.append(scores.float().cpu())
         return torch.cat(maps_out), torch.cat(scores_out)
@@ -419,16 +418,22 @@ def fit_model(
     backbone = create_backbone(cfg.backbone.name, cfg.layers, cfg.backbone.weights).to(dev)
     head = create_head(cfg.head_name, **cfg.head_params)
 
-    train = load_train(data_root, category, cfg.image_size)
-    say(f"fitting {cfg.head_name} on {len(train)} training images of {category} ({cfg.backbone.name}, {backbone.weights})")
-    synchronize(dev)
-    start = time.perf_counter()
-    features = combine_layers(extract_layers(backbone, train, cfg.batch_size, dev), cfg.layers, head.patch_size)
-    head.fit(features)
-    synchronize(dev)
-    fit_seconds = time.perf_counter() - start
-    n_train = len(train)
-    del features, train
+    if head.trainable:
+        from anoseg.training import fit_trainable
+
+        say(f"training {cfg.head_name} for {head.epochs} epochs on the training images of {category} "
+            f"({cfg.backbone.name}, {backbone.weights})")
+        fit_seconds, n_train = fit_trainable(head, backbone, cfg, data_root, category, dev, say)
+    else:
+        train = load_train(data_root, category, cfg.image_size)
+        say(f"fitting {cfg.head_name} on {len(train)} training images of {category} ({cfg.backbone.name}, {backbone.weights})")
+        synchronize(dev)
+        start = time.perf_counter()
+        head.fit(combine_layers(extract_layers(backbone, train, cfg.batch_size, dev), cfg.layers, head.patch_size))
+        synchronize(dev)
+        fit_seconds = time.perf_counter() - start
+        n_train = len(train)
+        del train
 
     model = FittedModel(cfg, backbone, head, dev)
     test = load_test(data_root, category, cfg.image_size)
@@ -491,12 +496,12 @@ def fit_model(
 
 def _head_scores(model: FittedModel, image: torch.Tensor) -> bool:
     """Whether the head gives its own image score (else the score is the map maximum)."""
-    from anoseg.features import combine_layers, extract_layers
+    from anoseg.features import extract_layers
+    from anoseg.heads.base import patch_scores
 
     with torch.inference_mode():
-        features = combine_layers(extract_layers(model.backbone, image, 1, model.device),
-                                  model.config.layers, model.head.patch_size)
-        return model.head.score(features)[1] is not None
+        layer_maps = extract_layers(model.backbone, image, 1, model.device)
+        return patch_scores(model.head, layer_maps, model.config.layers, image)[1] is not None
 
 
 def _map_sigma() -> float:
@@ -590,6 +595,8 @@ def load_model(path: str | Path, device: str | None = None, verify: bool = True)
 
     head_info = info["head"]
     head = create_head(head_info["name"], **head_info.get("params", {}))
+    if head.trainable:
+        head.setup(backbone, dev)  # builds the network the saved weights go into
     head_state: dict[str, Any] = dict(head_info.get("state") or {})
     for name in head_info.get("tensors", []):
         key = HEAD_PREFIX + name

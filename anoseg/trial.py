@@ -18,12 +18,13 @@ from anoseg.config import TrialConfig
 from anoseg.cache import CacheKey, FeatureCache, cached_layer_maps
 from anoseg.data import category_fingerprint, load_images, load_test, load_train, resolve_categories
 from anoseg.features import combine_layers, extract_layers, resolve_device, synchronize
-from anoseg.heads import create_head, final_maps
+from anoseg.heads import HEADS, create_head, final_maps
 from anoseg.metrics import evaluate
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "pixel_f1_max", "image_f1_max")
 COST_KEYS = ("fit_seconds", "ms_per_image")
 Report = Callable[[dict[str, Any], int], None]
+Checkpoint = Callable[[dict[str, Any]], None]
 
 
 def peak_memory_mb(device: torch.device) -> dict[str, float | None]:
@@ -51,6 +52,20 @@ def _layer_maps(
     return cached_layer_maps(cache, keys, compute)
 
 
+def cache_keys(
+    backbone: torch.nn.Module, cfg: TrialConfig, data_root: str | Path, category: str, cache: FeatureCache,
+) -> Callable[[str], dict[str, CacheKey]]:
+    """split -> {layer: the cache key of that layer's maps of `category`'s split}."""
+    fingerprint = category_fingerprint(data_root, category) if cache.enabled else ""
+    weights_id = backbone.weights if backbone.pretrained else f"{backbone.weights} seed={cfg.seed}"
+
+    def keys(split: str) -> dict[str, CacheKey]:
+        return {layer: CacheKey(cfg.backbone.name, weights_id, layer, cfg.image_size, category, split, fingerprint)
+                for layer in cfg.layers}
+
+    return keys
+
+
 def evaluate_category(
     backbone: torch.nn.Module, cfg: TrialConfig, data_root: str | Path, category: str, device: torch.device,
     cache: FeatureCache | None = None,
@@ -63,13 +78,7 @@ def evaluate_category(
     """
     cache = cache or FeatureCache(None)
     head = create_head(cfg.head_name, **cfg.head_params)
-    fingerprint = category_fingerprint(data_root, category) if cache.enabled else ""
-    weights_id = backbone.weights if backbone.pretrained else f"{backbone.weights} seed={cfg.seed}"
-
-    def keys(split: str) -> dict[str, CacheKey]:
-        return {layer: CacheKey(cfg.backbone.name, weights_id, layer, cfg.image_size, category, split, fingerprint)
-                for layer in cfg.layers}
-
+    keys = cache_keys(backbone, cfg, data_root, category, cache)
     train_maps, train_seconds = _layer_maps(
         backbone, cfg, cache, keys("train"), lambda: load_train(data_root, category, cfg.image_size), device)
     n_train = len(next(iter(train_maps.values())))
@@ -87,7 +96,7 @@ def evaluate_category(
     maps_list, scores_list = [], []
     for first in range(0, len(test.paths), cfg.batch_size):
         batch = {layer: m[first:first + cfg.batch_size] for layer, m in test_maps.items()}
-        maps, scores = final_maps(head, combine_layers(batch, cfg.layers, head.patch_size).to(device), cfg.image_size)
+        maps, scores = final_maps(head, batch, cfg.layers, cfg.image_size, device=device)
         maps_list.append(maps.cpu())
         scores_list.append(scores.cpu())
     synchronize(device)
@@ -95,6 +104,10 @@ def evaluate_category(
 
     metrics = evaluate(torch.cat(maps_list), torch.cat(scores_list), test.masks, test.labels)
     return {**metrics, "fit_seconds": round(fit_seconds, 4), "ms_per_image": round(ms_per_image, 3)}
+
+
+def head_is_trainable(name: str) -> bool:
+    return bool(getattr(HEADS.get(name), "trainable", False))
 
 
 def mean_metrics(per_category: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
@@ -108,13 +121,20 @@ def run_trial(
     categories: Sequence[str] | str | None = None,
     report: Report | None = None,
     cache: FeatureCache | None = None,
+    checkpoint: Checkpoint | None = None,
+    resume: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate `config` on each category in order, calling `report(metrics, step)` after each.
 
     `metrics` holds the running means over the categories done so far, the
     finished category's own metrics as `<category>/<metric>`, `category`,
     `categories_done` and the peak memory so far (`peak_rss_mb`, `peak_gpu_mb`);
-    `step` is the number of categories done (the fidelity unit for ASHA).
+    `step` = `fidelity` is the number of categories done (the fidelity unit for ASHA), out of
+    `fidelity_total`, in `fidelity_unit` "categories".
+    A trainable head (STFPM) instead trains every category's head one epoch at a time and
+    reports after every epoch, with every category evaluated: `step` = `fidelity` = epochs done,
+    `fidelity_unit` "epochs" (see anoseg.training). Before each such report it calls
+    `checkpoint(state)` with a state that `resume=state` continues from (a resumed search).
     `cache` shares backbone features between trials (see anoseg.cache); results are the same
     with and without it.
     Returns {"config", "weights", "pretrained", "categories": {name: metrics}, "mean", "peak_memory"}.
@@ -127,14 +147,19 @@ def run_trial(
         torch.cuda.reset_peak_memory_stats(device)
     backbone = create_backbone(cfg.backbone.name, cfg.layers, cfg.backbone.weights).to(device)
 
-    per_category: dict[str, dict[str, float]] = {}
-    for step, category in enumerate(names, start=1):
-        per_category[category] = evaluate_category(backbone, cfg, data_root, category, device, cache)
-        if report is not None:
-            running = mean_metrics(per_category)
-            done = {f"{category}/{k}": v for k, v in per_category[category].items()}
-            memory = peak_memory_mb(device)
-            report({**running, **done, **memory, "category": category, "categories_done": step}, step)
+    if head_is_trainable(cfg.head_name):
+        from anoseg.training import train_trial
+
+        per_category = train_trial(backbone, cfg, data_root, names, device, cache, report, checkpoint, resume)
+    else:
+        per_category = {}
+        for step, category in enumerate(names, start=1):
+            per_category[category] = evaluate_category(backbone, cfg, data_root, category, device, cache)
+            if report is not None:
+                done = {f"{category}/{k}": v for k, v in per_category[category].items()}
+                report({**mean_metrics(per_category), **done, **peak_memory_mb(device), "category": category,
+                        "categories_done": step, "fidelity": step, "fidelity_total": len(names),
+                        "fidelity_unit": "categories"}, step)
     return {
         "config": cfg.to_dict(),
         "weights": backbone.weights,

@@ -69,38 +69,17 @@ def colormap_lut(colors: Sequence[str] = TURBO) -> np.ndarray:
 def fit_and_score(config: Mapping[str, Any], data_root: str | Path, category: str, device: str | None = None):
     """Fit `config` on `category`'s train set; return (test split, maps (N, S, S) numpy, image scores (N,)).
 
-    The same steps as :func:`anoseg.trial.evaluate_category`, keeping the maps.
+    The model is fitted as `anoseg fit` does it (any head, trainable ones included).
     """
-    import torch
-
-    from anoseg.backbones import create_backbone
     from anoseg.config import TrialConfig
-    from anoseg.data import load_test, load_train
-    from anoseg.features import combine_layers, extract_layers, resolve_device
-    from anoseg.heads import anomaly_maps, create_head
+    from anoseg.data import load_test
+    from anoseg.model import fit_model
 
-    raw = dict(config)
-    if device is not None:
-        raw["device"] = device
-    cfg = TrialConfig.from_dict(raw, source="best trial configuration")
-    dev = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)  # a randomly initialised backbone is the trial's own
-    backbone = create_backbone(cfg.backbone.name, cfg.layers, cfg.backbone.weights).to(dev).eval()
-    head = create_head(cfg.head_name, **cfg.head_params)
-    train = load_train(data_root, category, cfg.image_size)
-    head.fit(combine_layers(extract_layers(backbone, train, cfg.batch_size, dev), cfg.layers, head.patch_size))
-    del train
+    cfg = TrialConfig.from_dict(dict(config), source="best trial configuration")
+    model = fit_model(cfg, data_root, category, device=device)
     test = load_test(data_root, category, cfg.image_size)
-    maps_list, scores_list = [], []
-    with torch.inference_mode():
-        for first in range(0, len(test.images), cfg.batch_size):
-            batch = test.images[first:first + cfg.batch_size]
-            features = combine_layers(extract_layers(backbone, batch, cfg.batch_size, dev), cfg.layers, head.patch_size)
-            patch_maps, image_scores = head.score(features)
-            maps = anomaly_maps(patch_maps, cfg.image_size)
-            maps_list.append(maps.float().cpu())
-            scores_list.append((maps.amax(dim=(1, 2)) if image_scores is None else image_scores).float().cpu())
-    return test, torch.cat(maps_list).numpy(), torch.cat(scores_list).numpy()
+    maps, scores = model.predict(test.images)
+    return test, maps.numpy(), scores.numpy()
 
 
 def pick_defective(defect_types: Sequence[str], labels: Sequence[int], n: int) -> list[int]:

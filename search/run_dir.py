@@ -40,6 +40,7 @@ RUNNING, COMPLETED, STOPPED, FAILED, ERROR = "running", "completed", "stopped", 
 LOST = "lost"  # started after Tune's last saved state when the driver died: Tune re-samples it on resume
 FINISHED = (COMPLETED, STOPPED, FAILED, ERROR)
 REPORT_KEYS = (*METRIC_KEYS, *COST_KEYS, "peak_rss_mb", "peak_gpu_mb")
+CATEGORY_KEYS = (*METRIC_KEYS, *COST_KEYS)
 
 
 class RunError(AnosegError):
@@ -116,19 +117,28 @@ class RunDir:
         return record
 
     def record_result(self, trial_id: str, params: Mapping[str, Any], result: Mapping[str, Any]) -> dict[str, Any]:
-        """Fold one reported result (one finished category) into the trial's record."""
+        """Fold one reported result (a finished category, or an epoch of every category) into the record.
+
+        `step` is the trial's fidelity (categories or epochs done), out of `fidelity_total`."""
         record = self.read_record(trial_id) or {}
         per_category = dict(record.get("per_category", {}))
-        category = result.get("category")
-        if category:
-            prefix = f"{category}/"
-            per_category[category] = {k[len(prefix):]: _finite(v) for k, v in result.items() if k.startswith(prefix)}
+        for key, value in result.items():
+            category, _, metric = key.rpartition("/")
+            if category and metric in CATEGORY_KEYS and not category.startswith("config"):
+                per_category.setdefault(category, {})[metric] = _finite(value)
+        step = result.get("fidelity", result.get("categories_done"))
         changes: dict[str, Any] = {
             "params": dict(params),
             "per_category": per_category,
             "metrics": {k: _finite(result[k]) for k in REPORT_KEYS if k in result},
-            "step": int(result.get("categories_done") or record.get("step") or 0),
+            "step": int(step or record.get("step") or 0),
+            "categories_done": int(result.get("categories_done") or record.get("categories_done") or 0),
         }
+        for key in ("fidelity_total", "fidelity_unit"):
+            if result.get(key):
+                changes[key] = result[key]
+        if result.get("resumed_from"):  # a trainable head's trial continued from its checkpoint
+            changes["resumed_from_epoch"] = int(result["resumed_from"])
         if result.get("trial_error"):
             changes.update(status=FAILED, error=result["trial_error"], stop_reason="raised an error", ended=time.time())
         if result.get("trial_config"):
@@ -159,7 +169,9 @@ def collate(records: Iterable[Mapping[str, Any]], meta: Mapping[str, Any]) -> pd
             "status": rec.get("status"),
             "stop_reason": rec.get("stop_reason"),
             "error": rec.get("error"),
-            "categories_done": rec.get("step", 0),
+            "categories_done": rec.get("categories_done", rec.get("step", 0)),
+            "fidelity": f"{rec.get('step', 0)}/{rec.get('fidelity_total') or len(categories)} "
+                        f"{rec.get('fidelity_unit') or 'categories'}",
             "started": rec.get("started"),
             "ended": rec.get("ended"),
             "wall_seconds": (rec["ended"] - rec["started"]) if rec.get("ended") and rec.get("started") else None,
@@ -170,7 +182,7 @@ def collate(records: Iterable[Mapping[str, Any]], meta: Mapping[str, Any]) -> pd
             for key in (*METRIC_KEYS, *COST_KEYS):
                 row[f"{cat}/{key}"] = rec.get("per_category", {}).get(cat, {}).get(key)
         rows.append(row)
-    columns = ["trial_id", "status", "stop_reason", "error", "categories_done", "started", "ended", "wall_seconds",
+    columns = ["trial_id", "status", "stop_reason", "error", "categories_done", "fidelity", "started", "ended", "wall_seconds",
                *REPORT_KEYS]
     df = pd.DataFrame(rows)
     return df if not df.empty else pd.DataFrame(columns=columns)

@@ -57,7 +57,9 @@ Only ``dataset`` (with ``root``), ``objective`` and ``space`` are required; the 
     settings), so with several backbones or heads a configuration recurs for every value of the parameters it
     does not use: size the budget with :func:`grid_size` or keep grid spaces to one backbone and one head.
 * ``scheduler``: ``{name: none}`` or ``{name: asha, grace_period: 1, reduction_factor: 2, brackets: 1}``. The
-  fidelity unit is one category (a trial reports after each category), so grace_period counts categories.
+  fidelity unit is one category (a trial reports after each category), so grace_period counts categories;
+  a trainable head (stfpm) reports after every epoch with every category evaluated, so for it the unit is
+  one epoch. ASHA's max_t is the largest fidelity of the space (:meth:`SearchSpace.max_fidelity`).
   ASHA stops trials on one metric: it needs a single objective.
 * ``budget``: trials >= 1, max_concurrent >= 1, time_limit_s > 0 or null.
 * ``resources``: cpu > 0, gpu >= 0 (a fraction below 1 packs several trials on one GPU; above 1 a whole
@@ -212,6 +214,17 @@ class SearchSpace:
 
     def modes(self) -> list[str]:
         return [o.mode for o in self.objectives]
+
+    def max_fidelity(self, n_categories: int) -> int:
+        """The most reports any trial can make: the categories, or a trainable head's largest `epochs`."""
+        from anoseg.heads import HEADS, head_defaults
+
+        most = n_categories
+        for head, specs in self.heads.items():
+            if getattr(HEADS[head], "trainable", False):
+                spec = specs.get("epochs", {"type": "fixed", "value": head_defaults(head)["epochs"]})
+                most = max(most, *(int(value) for _, value in _extremes(spec)))
+        return most
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -388,6 +401,7 @@ def validate_space(raw: Any, source: str = "space") -> SearchSpace:
         sampler=sampler, scheduler=scheduler, budget=budget, resources=resources, storage=storage, trial=trial,
         backbones=backbones, heads=heads, source=source, raw=dict(raw), cache=cache,
     )
+    _check_grace_period(space)
     if sampler["name"] == "grid":
         grid_search_space(space)  # every parameter enumerable, the grid not absurdly large
     try:
@@ -503,11 +517,19 @@ def _scheduler_options(opts: dict[str, Any], objectives: list[Objective], catego
     _int(opts["grace_period"], source, "scheduler.grace_period", 1)
     _number(opts["reduction_factor"], source, "scheduler.reduction_factor", above=1, want="a number > 1")
     _int(opts["brackets"], source, "scheduler.brackets", 1)
-    if categories is not None and opts["grace_period"] > len(categories):
-        raise _fail(source, "scheduler.grace_period",
-                    f"is {opts['grace_period']} categories but the search has only {len(categories)} "
-                    f"({', '.join(categories)}); the fidelity unit is one category")
     return opts
+
+
+def _check_grace_period(space: "SearchSpace") -> None:
+    """ASHA's first rung must be reachable by some trial of the space."""
+    if space.scheduler["name"] != "asha" or space.categories is None:
+        return
+    most = space.max_fidelity(len(space.categories))
+    if space.scheduler["grace_period"] > most:
+        raise _fail(space.source, "scheduler.grace_period",
+                    f"is {space.scheduler['grace_period']} but no trial of this space gets that far: the fidelity "
+                    f"unit is one category ({len(space.categories)}: {', '.join(space.categories)}), or one epoch "
+                    f"for trainable heads; the largest fidelity here is {most}")
 
 
 def _budget(value: Any, source: str) -> dict[str, Any]:

@@ -1,18 +1,23 @@
 """The one module that imports Ray: a trial as a Tune trainable, the searcher, the Tuner.
 
 - The trainable calls `anoseg.trial.run_trial` and reports after every category
-  (fidelity = categories done), so ASHA can stop a weak configuration early.
+  (fidelity = categories done), or for a trainable head (STFPM) after every epoch with every
+  category evaluated (fidelity = epochs), so ASHA can stop a weak configuration early. ASHA's
+  time attribute is `fidelity`; its max_t is the largest fidelity any trial of the space can have.
+- A trainable head's trial saves its state with every report (a Tune checkpoint, the last one
+  kept); a restored trial (resumed search, retried trial) continues from it.
 - An exception inside a trial (bad combination, out of memory, unreadable
   image) is reported as that trial's failure and the search goes on; a lost
   worker or node is a Ray-level failure that Tune retries (`MAX_RETRIES`).
 - Trials ASHA stops early are told to Optuna as PRUNED, failed ones as FAIL:
-  only trials that saw every category count as COMPLETE, which keeps TPE honest.
+  only trials that finished their whole budget count as COMPLETE, which keeps TPE honest.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import tempfile
 import time
 import traceback
 import warnings
@@ -30,6 +35,7 @@ from search.space import SearchSpace, define_by_run, describe, make_sampler, tri
 
 logger = logging.getLogger(__name__)
 MAX_RETRIES = 3  # per trial, for Ray-level failures (lost worker or node)
+CHECKPOINT_FILE = "trial_state.pt"
 ERROR_TEXT_LIMIT = 4000
 
 
@@ -41,20 +47,32 @@ def run_trainable(params: dict[str, Any], *, space: SearchSpace, data_root: str,
 
     record = RunDir(Path(run_path)).read_record(tune.get_context().get_trial_id())
     if record and record.get("status") in FINISHED:
-        return replay(record, categories, space)
+        return replay(record, space)
 
-    state: dict[str, Any] = {"in_report": False, "done": 0, "config": ""}
+    state: dict[str, Any] = {"in_report": False, "done": 0, "config": "", "checkpoint": None}
 
     def report(metrics: Mapping[str, Any], step: int) -> None:
         state["in_report"], state["done"] = True, step
-        tune.report({**metrics, "trial_error": "", "trial_config": state["config"]})
+        extra = {"trial_error": "", "trial_config": state["config"]}
+        if state["checkpoint"] is None:
+            tune.report({**metrics, **extra})
+        else:
+            import torch
+
+            with tempfile.TemporaryDirectory(prefix="anoseg-ckpt-") as folder:
+                torch.save(state.pop("checkpoint"), Path(folder) / CHECKPOINT_FILE)
+                state["checkpoint"] = None
+                tune.report({**metrics, **extra}, checkpoint=tune.Checkpoint.from_directory(folder))
         state["in_report"] = False
+
+    def checkpoint(trial_state: dict[str, Any]) -> None:
+        state["checkpoint"] = trial_state  # sent with the next report
 
     try:
         cfg = trial_config(space, params)
         state["config"] = json.dumps(cfg)  # a string: Tune's loggers only take scalars
         cache = FeatureCache(cache_dir, max_bytes=int(space.cache["max_gb"] * 2**30))
-        run_trial(cfg, data_root, categories, report, cache=cache)
+        run_trial(cfg, data_root, categories, report, cache=cache, checkpoint=checkpoint, resume=restored_state())
     except Exception as exc:  # noqa: BLE001 - a failing trial is data, not a crash
         if state["in_report"]:
             raise  # Tune's own control flow
@@ -62,38 +80,49 @@ def run_trainable(params: dict[str, Any], *, space: SearchSpace, data_root: str,
                        state["done"], state["config"])
 
 
+def restored_state() -> dict[str, Any] | None:
+    """The state a trainable head's trial saved with its last report, when Tune restores the trial
+    (resumed search, retried trial); None for a fresh trial."""
+    ckpt = tune.get_checkpoint()
+    if ckpt is None:
+        return None
+    import torch
+
+    with ckpt.as_directory() as folder:
+        return torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+
+
 def report_failure(space: SearchSpace, error: str, detail: str, done: int, config: str, **extra: Any) -> None:
     failure = {m: float("nan") for m in space.metric_names()}
-    tune.report({**failure, "categories_done": done, "trial_error": error, "trial_traceback": detail,
+    tune.report({**failure, "fidelity": done, "trial_error": error, "trial_traceback": detail,
                  "trial_config": config, **extra})
 
 
-def replay(record: Mapping[str, Any], categories: list[str], space: SearchSpace) -> None:
+def replay(record: Mapping[str, Any], space: SearchSpace) -> None:
     """Re-report a trial that had finished before a driver crash instead of computing it again.
 
     Tune may restore a trial as unfinished when the driver died between the trial's end and
-    Tune's next saved state; the run folder's record holds its results.
+    Tune's next saved state; the run folder's record holds its results (its last report).
     """
-    from anoseg.trial import mean_metrics
-
     config = json.dumps(record.get("config", {}))
-    per_category = record.get("per_category", {})
-    done: dict[str, Mapping[str, float]] = {}
-    for step, category in enumerate(categories[: int(record.get("step") or 0)], start=1):
-        done[category] = per_category[category]
-        own = {f"{category}/{k}": v for k, v in per_category[category].items()}
-        tune.report({**mean_metrics(done), **own, "category": category, "categories_done": step,
-                     "trial_error": "", "trial_config": config, "replayed": True})
     if record.get("status") == FAILED:
-        report_failure(space, record.get("error", ""), "", len(done), config, replayed=True)
+        return report_failure(space, record.get("error", ""), "", int(record.get("step") or 0), config, replayed=True)
+    own = {f"{c}/{k}": v for c, metrics in record.get("per_category", {}).items() for k, v in metrics.items()}
+    tune.report({**record.get("metrics", {}), **own, "categories_done": record.get("categories_done", 0),
+                 "fidelity": int(record.get("step") or 0), "fidelity_total": record.get("fidelity_total"),
+                 "fidelity_unit": record.get("fidelity_unit"), "trial_error": "", "trial_config": config,
+                 "replayed": True})
+
+
+def finished_all(result: Mapping[str, Any]) -> bool:
+    """Whether a trial's last result covers its whole budget (every category, or every epoch)."""
+    total = result.get("fidelity_total")
+    return bool(total) and int(result.get("fidelity") or 0) >= int(total)
 
 
 class HonestOptunaSearch(OptunaSearch):
     """OptunaSearch that tells early-stopped trials as PRUNED and failed ones as FAIL."""
 
-    def __init__(self, *args: Any, total_steps: int, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._total_steps = total_steps
 
     def restore(self, checkpoint_path: str) -> None:
         """After a driver crash, fail the Optuna trials asked for after the last saved state.
@@ -118,7 +147,7 @@ class HonestOptunaSearch(OptunaSearch):
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return super().on_trial_complete(trial_id, result, error)
         failed = error or bool(result and result.get("trial_error"))
-        partial = not result or int(result.get("categories_done") or 0) < self._total_steps
+        partial = not result or not finished_all(result)
         if not failed and not partial:
             return super().on_trial_complete(trial_id, result, error)
         ot_trial = self._ot_trials[trial_id]
@@ -126,7 +155,7 @@ class HonestOptunaSearch(OptunaSearch):
             # A trial stopped on this very result never got on_trial_result: keep its last value.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ot_trial.report(result[self.metric], int(result.get("categories_done") or 0))
+                ot_trial.report(result[self.metric], int(result.get("fidelity") or 0))
         state = optuna.trial.TrialState.FAIL if failed else optuna.trial.TrialState.PRUNED
         try:
             self._ot_study.tell(ot_trial, None, state=state)
@@ -138,9 +167,9 @@ class HonestOptunaSearch(OptunaSearch):
 class RunRecorder(tune.Callback):
     """Driver-side: keeps trials/<id>.json and trials.parquet current and prints one line per finished trial."""
 
-    def __init__(self, run_path: str, total_steps: int, budget: int, metric: str, mode: str) -> None:
+    def __init__(self, run_path: str, budget: int, metric: str, mode: str) -> None:
         self.run = RunDir(Path(run_path))
-        self.total_steps, self.budget, self.metric, self.mode = total_steps, budget, metric, mode
+        self.budget, self.metric, self.mode = budget, metric, mode
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         record = self.run.read_record(trial.trial_id)
@@ -161,12 +190,14 @@ class RunRecorder(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         record = self.run.read_record(trial.trial_id) or {}
         if record.get("status") not in FINISHED:
-            step = int(record.get("step") or 0)
-            if step >= self.total_steps:
-                self.run.update_record(trial.trial_id, status=COMPLETED, stop_reason="evaluated every category", ended=time.time())
+            step, total = int(record.get("step") or 0), int(record.get("fidelity_total") or 0)
+            unit = record.get("fidelity_unit") or "categories"
+            if total and step >= total:
+                reason = "evaluated every category" if unit == "categories" else f"trained {total} epochs"
+                self.run.update_record(trial.trial_id, status=COMPLETED, stop_reason=reason, ended=time.time())
             else:
                 self.run.update_record(trial.trial_id, status=STOPPED, ended=time.time(),
-                                       stop_reason=f"stopped early after {step}/{self.total_steps} categories")
+                                       stop_reason=f"stopped early after {step}/{total or '?'} {unit}")
         self._finished(trial.trial_id)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -231,7 +262,6 @@ def _trainable(space: SearchSpace, meta: Mapping[str, Any]) -> Any:
 
 
 def build_tuner(space: SearchSpace, run: RunDir, meta: Mapping[str, Any]) -> tune.Tuner:
-    total = len(meta["categories"])
     metrics, modes = space.metric_names(), space.modes()
     storage = optuna.storages.RDBStorage(space.storage or run.study_url)
     searcher = HonestOptunaSearch(
@@ -241,12 +271,12 @@ def build_tuner(space: SearchSpace, run: RunDir, meta: Mapping[str, Any]) -> tun
         sampler=make_sampler(space),
         study_name=meta["study_name"],
         storage=storage,
-        total_steps=total,
     )
     if space.scheduler["name"] == "asha":
         opts = space.scheduler
         scheduler = ASHAScheduler(
-            metric=metrics[0], mode=modes[0], max_t=total, grace_period=opts["grace_period"],
+            time_attr="fidelity", metric=metrics[0], mode=modes[0],
+            max_t=space.max_fidelity(len(meta["categories"])), grace_period=opts["grace_period"],
             reduction_factor=opts["reduction_factor"], brackets=opts.get("brackets", 1),
         )
     else:
@@ -268,7 +298,8 @@ def build_tuner(space: SearchSpace, run: RunDir, meta: Mapping[str, Any]) -> tun
         # Tune stages its state under /tmp/ray and copies it to the run folder every sync_period
         # (default 300 s); copy on every save so `resume` sees every finished trial.
         sync_config=tune.SyncConfig(sync_period=0),
-        callbacks=[RunRecorder(str(run.path.resolve()), total, budget["trials"], metrics[0], modes[0])],
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # trainable heads' last epoch
+        callbacks=[RunRecorder(str(run.path.resolve()), budget["trials"], metrics[0], modes[0])],
         verbose=0,
     )
     return tune.Tuner(_trainable(space, meta), tune_config=tune_config, run_config=run_config)

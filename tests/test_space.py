@@ -369,7 +369,7 @@ MISTAKES = [
     ("asha grace beyond the categories",
      {**with_change("scheduler", {"name": "asha", "grace_period": 3}),
       "dataset": {"root": "d", "categories": ["a", "b"]}},
-     [r"scheduler\.grace_period: is 3 categories but the search has only 2"]),
+     [r"scheduler\.grace_period: is 3 but no trial of this space gets that far", "largest fidelity here is 2"]),
     ("budget.trials < 1", with_change("budget.trials", 0), [r"budget\.trials: must be an integer >= 1, got 0"]),
     ("max_concurrent < 1", with_change("budget.max_concurrent", 0),
      [r"budget\.max_concurrent: must be an integer >= 1, got 0"]),

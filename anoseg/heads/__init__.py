@@ -1,7 +1,10 @@
 """Anomaly heads: one file each, registered by name."""
 from __future__ import annotations
 
-from anoseg.heads.base import HEADS, Head, anomaly_maps, create_head, final_maps, head_defaults, register_head
-from anoseg.heads import feature_dictionary, gaussian_ad, padim, patchcore  # noqa: F401  (registers the heads)
+from anoseg.heads.base import (
+    HEADS, AnyHead, Head, HeadBase, TrainableHead, anomaly_maps, create_head, final_maps, head_defaults, register_head,
+)
+from anoseg.heads import feature_dictionary, gaussian_ad, padim, patchcore, stfpm  # noqa: F401  (registers the heads)
 
-__all__ = ["HEADS", "Head", "anomaly_maps", "create_head", "final_maps", "head_defaults", "register_head"]
+__all__ = ["HEADS", "AnyHead", "Head", "HeadBase", "TrainableHead", "anomaly_maps", "create_head", "final_maps",
+           "head_defaults", "register_head"]

@@ -3,35 +3,26 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Mapping, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torchvision.transforms.functional import gaussian_blur
 
 from anoseg.errors import ConfigError
+from anoseg.features import combine_layers
 
 MAP_SIGMA = 4.0
 
 
-class Head(ABC):
-    """Models normal features; scores test features per position.
-
-    Hyper-parameters are constructor arguments (validated there, scikit-learn
-    style); learned state lives in `fit` and round-trips through
-    `state_dict()` / `load_state_dict()` as tensors and plain numbers only.
-    """
+class HeadBase(ABC):
+    """What every head has: a registry name, settings as constructor arguments (validated there,
+    scikit-learn style) and learned state that round-trips through `state_dict()` /
+    `load_state_dict()` as tensors and plain numbers only."""
 
     name: ClassVar[str]
+    trainable: ClassVar[bool] = False  # True: a TrainableHead (trains on images for `epochs` epochs)
     patch_size: int = 1  # neighbourhood the feature extractor averages over before the head sees it
-
-    @abstractmethod
-    def fit(self, features: torch.Tensor) -> None:
-        """Learn from defect-free features (N, C, H, W)."""
-
-    @abstractmethod
-    def score(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Patch-level anomaly maps (N, H, W) and image scores (N,) or None (= max of the final map)."""
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]: ...
@@ -42,19 +33,72 @@ class Head(ABC):
     def get_params(self) -> dict[str, Any]:
         return {p: getattr(self, p) for p in inspect.signature(type(self).__init__).parameters if p != "self"}
 
+
+class Head(HeadBase):
+    """Models normal features; scores test features per position (fit once on the training features)."""
+
+    @abstractmethod
+    def fit(self, features: torch.Tensor) -> None:
+        """Learn from defect-free features (N, C, H, W)."""
+
+    @abstractmethod
+    def score(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Patch-level anomaly maps (N, H, W) and image scores (N,) or None (= max of the final map)."""
+
     @staticmethod
     def _check_features(features: torch.Tensor) -> None:
         if features.ndim != 4:
             raise ConfigError(f"features must be (N, C, H, W), got shape {tuple(features.shape)}")
 
 
-HEADS: dict[str, type[Head]] = {}
+class TrainableHead(HeadBase):
+    """A head with a network of its own, trained on the images for `epochs` epochs.
+
+    The trial trains it epoch by epoch and evaluates after every epoch (fidelity = epochs, so
+    ASHA can stop it); `training_state()` / `load_training_state()` carry everything a resumed
+    trial needs to continue (weights, optimizer, random state), `state_dict()` only what scoring
+    needs. Inputs: images (N, 3, S, S) in [0, 1] and the frozen backbone's maps {layer: (N, C, h, w)}.
+    """
+
+    trainable = True
+    epochs: int
+
+    @abstractmethod
+    def setup(self, backbone: torch.nn.Module, device: torch.device) -> None:
+        """Build the trainable parts for this (frozen) backbone; before training or load_state_dict."""
+
+    @abstractmethod
+    def train_epoch(self, images: torch.Tensor, layer_maps: Mapping[str, torch.Tensor]) -> float:
+        """One pass over the training images; returns the mean loss."""
+
+    def calibrate(self, images: torch.Tensor, layer_maps: Mapping[str, torch.Tensor]) -> None:
+        """Statistics on held-out normal images, after an epoch (optional)."""
+
+    @abstractmethod
+    def score_images(
+        self, images: torch.Tensor, layer_maps: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Patch-level anomaly maps (N, h, w) and image scores (N,) or None (= max of the final map)."""
+
+    @abstractmethod
+    def training_state(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def load_training_state(self, state: Mapping[str, Any]) -> None: ...
+
+    def holdout_count(self, n_train: int) -> int:
+        """How many of `n_train` training images to keep back for `calibrate` (0: none)."""
+        return 0
 
 
-def register_head(name: str) -> Callable[[type[Head]], type[Head]]:
+AnyHead = Union[Head, TrainableHead]
+HEADS: dict[str, type[HeadBase]] = {}
+
+
+def register_head(name: str) -> Callable[[type[HeadBase]], type[HeadBase]]:
     """Class decorator: adding a head is one file with this decorator and an import in heads/__init__."""
 
-    def wrap(cls: type[Head]) -> type[Head]:
+    def wrap(cls: type[HeadBase]) -> type[HeadBase]:
         if name in HEADS:
             raise ValueError(f"head {name!r} registered twice")
         cls.name = name
@@ -71,7 +115,7 @@ def head_defaults(name: str) -> dict[str, Any]:
     return {p: v.default for p, v in params.items() if p != "self"}
 
 
-def create_head(name: str, **params: Any) -> Head:
+def create_head(name: str, **params: Any) -> AnyHead:
     """Build a head by registry name; unknown names or settings are a ConfigError listing the allowed ones."""
     cls = _head_class(name)
     allowed = head_defaults(name)
@@ -81,7 +125,7 @@ def create_head(name: str, **params: Any) -> Head:
     return cls(**params)
 
 
-def _head_class(name: str) -> type[Head]:
+def _head_class(name: str) -> type[HeadBase]:
     if name not in HEADS:
         raise ConfigError(f"head {name!r} is unknown; allowed: {', '.join(sorted(HEADS))}")
     return HEADS[name]
@@ -110,8 +154,29 @@ def anomaly_maps(patch_maps: torch.Tensor, size: int, sigma: float = MAP_SIGMA) 
     return maps[:, 0]
 
 
-def final_maps(head: Head, features: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Score features: anomaly maps (N, size, size) and image scores (the head's own, else the map maximum)."""
-    patch_maps, image_scores = head.score(features)
+def patch_scores(
+    head: AnyHead, layer_maps: Mapping[str, torch.Tensor], layers: Sequence[str],
+    images: torch.Tensor | None = None, device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The head's patch maps (N, h, w) and own image scores (or None) for one batch; see final_maps."""
+    if head.trainable:
+        if images is None:
+            raise ValueError(f"head {head.name!r} scores images: pass them too")
+        return head.score_images(images, layer_maps)
+    features = combine_layers(layer_maps, layers, head.patch_size)
+    return head.score(features if device is None else features.to(device))
+
+
+def final_maps(
+    head: AnyHead, layer_maps: Mapping[str, torch.Tensor], layers: Sequence[str], size: int,
+    images: torch.Tensor | None = None, device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score one batch: anomaly maps (N, size, size) and image scores (the head's own, else the map maximum).
+
+    A feature head scores the selected layers combined on one grid; a trainable head scores the
+    images (N, 3, S, S) in [0, 1] against the backbone's maps. `device`: where a feature head
+    scores (default: where the maps are).
+    """
+    patch_maps, image_scores = patch_scores(head, layer_maps, layers, images, device)
     maps = anomaly_maps(patch_maps, size)
     return maps, maps.amax(dim=(1, 2)) if image_scores is None else image_scores
