@@ -7,6 +7,7 @@ results/<name>/
   optuna.db        the Optuna study (unless the space names another storage)
   tune/            Ray Tune's experiment (restored by `resume`)
   trials/<id>.json one record per trial, rewritten as it progresses (atomic)
+  checkpoints/     a trainable head's trial state after its last epoch, while the trial runs
   trials.parquet   the collated table (+ trials.csv), rewritten after every trial
 ```
 Nothing here imports Ray: records are plain JSON written by the driver.
@@ -30,6 +31,7 @@ from anoseg.trial import COST_KEYS, METRIC_KEYS
 RUN_FILE = "run.json"
 SPACE_FILE = "space.yaml"
 TRIALS_DIR = "trials"
+CHECKPOINTS_DIR = "checkpoints"
 TABLE_FILE = "trials.parquet"
 CSV_FILE = "trials.csv"
 TUNE_DIR = "tune"
@@ -93,6 +95,10 @@ class RunDir:
 
     def update_meta(self, **changes: Any) -> None:
         self.write_meta({**self.read_meta(), **changes})
+
+    def checkpoint_path(self, trial_id: str) -> Path:
+        """Where a trainable head's trial keeps its state between epochs (see search.tune_adapter)."""
+        return self.path / CHECKPOINTS_DIR / f"{trial_id}.pt"
 
     # --- trial records -------------------------------------------------------------
     def record_path(self, trial_id: str) -> Path:

@@ -4,8 +4,11 @@
   (fidelity = categories done), or for a trainable head (STFPM) after every epoch with every
   category evaluated (fidelity = epochs), so ASHA can stop a weak configuration early. ASHA's
   time attribute is `fidelity`; its max_t is the largest fidelity any trial of the space can have.
-- A trainable head's trial saves its state with every report (a Tune checkpoint, the last one
-  kept); a restored trial (resumed search, retried trial) continues from it.
+- A trainable head's trial saves its state after every epoch to the run folder
+  (`checkpoints/<trial id>.pt`, replaced atomically, deleted when the trial ends); a restarted
+  trial (resumed search, retried trial) continues from it. Not Tune's own checkpoints: Tune
+  deletes old ones before its experiment state points at the new one, so a driver killed in
+  between left a resumed trial with no checkpoint at all.
 - An exception inside a trial (bad combination, out of memory, unreadable
   image) is reported as that trial's failure and the search goes on; a lost
   worker or node is a Ray-level failure that Tune retries (`MAX_RETRIES`).
@@ -35,7 +38,6 @@ from search.space import SearchSpace, define_by_run, describe, make_sampler, tri
 
 logger = logging.getLogger(__name__)
 MAX_RETRIES = 3  # per trial, for Ray-level failures (lost worker or node)
-CHECKPOINT_FILE = "trial_state.pt"
 ERROR_TEXT_LIMIT = 4000
 
 
@@ -49,30 +51,21 @@ def run_trainable(params: dict[str, Any], *, space: SearchSpace, data_root: str,
     if record and record.get("status") in FINISHED:
         return replay(record, space)
 
-    state: dict[str, Any] = {"in_report": False, "done": 0, "config": "", "checkpoint": None}
+    state: dict[str, Any] = {"in_report": False, "done": 0, "config": ""}
 
     def report(metrics: Mapping[str, Any], step: int) -> None:
         state["in_report"], state["done"] = True, step
-        extra = {"trial_error": "", "trial_config": state["config"]}
-        if state["checkpoint"] is None:
-            tune.report({**metrics, **extra})
-        else:
-            import torch
-
-            with tempfile.TemporaryDirectory(prefix="anoseg-ckpt-") as folder:
-                torch.save(state.pop("checkpoint"), Path(folder) / CHECKPOINT_FILE)
-                state["checkpoint"] = None
-                tune.report({**metrics, **extra}, checkpoint=tune.Checkpoint.from_directory(folder))
+        tune.report({**metrics, "trial_error": "", "trial_config": state["config"]})
         state["in_report"] = False
 
-    def checkpoint(trial_state: dict[str, Any]) -> None:
-        state["checkpoint"] = trial_state  # sent with the next report
-
+    checkpoint_path = RunDir(Path(run_path)).checkpoint_path(tune.get_context().get_trial_id())
     try:
         cfg = trial_config(space, params)
         state["config"] = json.dumps(cfg)  # a string: Tune's loggers only take scalars
         cache = FeatureCache(cache_dir, max_bytes=int(space.cache["max_gb"] * 2**30))
-        run_trial(cfg, data_root, categories, report, cache=cache, checkpoint=checkpoint, resume=restored_state())
+        run_trial(cfg, data_root, categories, report, cache=cache,
+                  checkpoint=lambda trial_state: save_checkpoint(checkpoint_path, trial_state),
+                  resume=load_checkpoint(checkpoint_path))
     except Exception as exc:  # noqa: BLE001 - a failing trial is data, not a crash
         if state["in_report"]:
             raise  # Tune's own control flow
@@ -80,16 +73,33 @@ def run_trainable(params: dict[str, Any], *, space: SearchSpace, data_root: str,
                        state["done"], state["config"])
 
 
-def restored_state() -> dict[str, Any] | None:
-    """The state a trainable head's trial saved with its last report, when Tune restores the trial
-    (resumed search, retried trial); None for a fresh trial."""
-    ckpt = tune.get_checkpoint()
-    if ckpt is None:
+def save_checkpoint(path: Path, trial_state: Mapping[str, Any]) -> None:
+    """Write a trainable head's trial state atomically (a crash never leaves half a file)."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        torch.save(dict(trial_state), tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The state a trainable head's trial saved after its last epoch (a resumed search or a retried
+    trial continues from it); None for a fresh trial or an unreadable file (the trial starts over)."""
+    if not path.is_file():
         return None
     import torch
 
-    with ckpt.as_directory() as folder:
-        return torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any damage means: start over
+        logger.warning("ignoring unreadable trial checkpoint %s: %s", path, exc)
+        return None
 
 
 def report_failure(space: SearchSpace, error: str, detail: str, done: int, config: str, **extra: Any) -> None:
@@ -188,6 +198,7 @@ class RunRecorder(tune.Callback):
                                last_retry_error=_error_text(trial))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.run.checkpoint_path(trial.trial_id).unlink(missing_ok=True)
         record = self.run.read_record(trial.trial_id) or {}
         if record.get("status") not in FINISHED:
             step, total = int(record.get("step") or 0), int(record.get("fidelity_total") or 0)
@@ -201,6 +212,7 @@ class RunRecorder(tune.Callback):
         self._finished(trial.trial_id)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.run.checkpoint_path(trial.trial_id).unlink(missing_ok=True)
         self.run.update_record(trial.trial_id, status=ERROR, error=_error_text(trial), ended=time.time(),
                                stop_reason=f"crashed after {MAX_RETRIES} retries")
         self._finished(trial.trial_id)
@@ -298,7 +310,6 @@ def build_tuner(space: SearchSpace, run: RunDir, meta: Mapping[str, Any]) -> tun
         # Tune stages its state under /tmp/ray and copies it to the run folder every sync_period
         # (default 300 s); copy on every save so `resume` sees every finished trial.
         sync_config=tune.SyncConfig(sync_period=0),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # trainable heads' last epoch
         callbacks=[RunRecorder(str(run.path.resolve()), budget["trials"], metrics[0], modes[0])],
         verbose=0,
     )

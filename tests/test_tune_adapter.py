@@ -45,16 +45,17 @@ def test_replay_of_a_failed_trial_reports_its_error(reports):
     assert reports[0]["trial_error"] == "DataError: boom" and reports[0]["replayed"]
 
 
-def test_a_trainable_heads_checkpoint_is_restored(monkeypatch, tmp_path):
+def test_a_trainable_heads_checkpoint_round_trips(tmp_path):
     import torch
-    from ray import tune
 
-    with pytest.warns(UserWarning):  # outside a Tune session Ray warns and there is no checkpoint
-        assert tune_adapter.restored_state() is None
-    torch.save({"epoch": 3, "heads": {"brick": {"w": torch.ones(2)}}}, tmp_path / tune_adapter.CHECKPOINT_FILE)
-    monkeypatch.setattr(tune_adapter.tune, "get_checkpoint", lambda: tune.Checkpoint.from_directory(str(tmp_path)))
-    state = tune_adapter.restored_state()
+    path = RunDir(tmp_path).checkpoint_path("abc")
+    assert tune_adapter.load_checkpoint(path) is None  # a fresh trial
+    tune_adapter.save_checkpoint(path, {"epoch": 3, "heads": {"brick": {"w": torch.ones(2)}}})
+    state = tune_adapter.load_checkpoint(path)
     assert state["epoch"] == 3 and torch.equal(state["heads"]["brick"]["w"], torch.ones(2))
+    assert [p.name for p in path.parent.iterdir()] == ["abc.pt"]  # no temporary file left
+    path.write_bytes(b"half a file")
+    assert tune_adapter.load_checkpoint(path) is None  # damaged: the trial starts over
 
 
 class FakeTrial:
