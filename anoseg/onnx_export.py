@@ -16,6 +16,10 @@ Heads are rewritten into plain tensor algebra that every ONNX runtime has:
   its `reweight_neighbours` nearest bank entries (TopK), and 1 - softmax of the distances. The whole
   (N * h * w) x bank distance matrix is materialised (the torch head works in chunks of 4096 rows).
 
+* A trainable head (STFPM): its student network runs next to the backbone in the same graph and
+  its ``score_images()`` is traced as is (normalisation, squared distances, the per-position
+  statistics of discrepancy scaling, the resize to the finest grid: all plain ONNX operations).
+
 A head can bring its own rewrite: a method ``onnx_scorer()`` returning an ``nn.Module`` that maps
 features (N, C, h, w) to (patch maps (N, h, w), image scores (N,) or None) with ONNX-friendly
 operations. Other heads are exported by tracing their own ``score()``; a head whose scoring uses
@@ -153,10 +157,20 @@ class OnnxPipeline(nn.Module):
         super().__init__()
         self.backbone = copy.deepcopy(model.backbone).to("cpu").float().eval()
         head = model.head
-        if model.device.type != "cpu":
-            head = copy.deepcopy(head)
-            head.load_state_dict({k: v.cpu() if isinstance(v, Tensor) else v for k, v in head.state_dict().items()})
-        self.scorer = make_scorer(model.config.head_name, head)
+        if head.trainable:  # scores images with its own network (the student): a CPU copy of it
+            from anoseg.heads import create_head
+
+            head = create_head(model.config.head_name, **model.head.get_params())
+            head.setup(self.backbone, "cpu")
+            head.load_state_dict({k: v.cpu() if isinstance(v, Tensor) else v for k, v in model.head.state_dict().items()})
+            self.student = head.student  # registered here, so its weights are the graph's parameters
+            self.trainable_head = head
+        else:
+            if model.device.type != "cpu":
+                head = copy.deepcopy(head)
+                head.load_state_dict({k: v.cpu() if isinstance(v, Tensor) else v for k, v in head.state_dict().items()})
+            self.scorer = make_scorer(model.config.head_name, head)
+            self.trainable_head = None
         self.register_buffer("mean", torch.tensor(model.backbone.mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(model.backbone.std, dtype=torch.float32).view(1, 3, 1, 1))
         self.layers = list(model.config.layers)
@@ -165,8 +179,10 @@ class OnnxPipeline(nn.Module):
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
         x = (image - self.mean) / self.std
-        features = combine_layers(self.backbone(x), self.layers, self.patch_size)
-        patch_maps, image_scores = self.scorer(features)
+        if self.trainable_head is not None:
+            patch_maps, image_scores = self.trainable_head.score_images(image, self.backbone(x))
+        else:
+            patch_maps, image_scores = self.scorer(combine_layers(self.backbone(x), self.layers, self.patch_size))
         maps = anomaly_maps(patch_maps, self.image_size)
         scores = maps.amax(dim=(1, 2)) if image_scores is None else image_scores
         return maps, scores

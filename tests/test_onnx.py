@@ -31,12 +31,13 @@ BASE = {"backbone": {"name": "resnet18", "weights": "none"}, "layers": ["layer1"
 HEADS = {
     "patchcore": {"name": "patchcore", "coreset_ratio": 0.05, "k": 3},
     "padim": {"name": "padim", "n_features": 32},
+    "stfpm": {"name": "stfpm", "epochs": 1, "batch_size": 4, "discrepancy_scaling": True, "holdout": 0.25},
 }
 
 
 @pytest.fixture(scope="module")
 def exported(synthetic_root, tmp_path_factory):
-    """{head: (model, onnx path)} for both heads, fitted on brick."""
+    """{head: (model, onnx path)} for each head, fitted on brick."""
     out = {}
     for name, head in HEADS.items():
         folder = tmp_path_factory.mktemp(f"onnx_{name}")
