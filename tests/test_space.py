@@ -464,3 +464,17 @@ def test_anoseg_never_imports_search():
     code = "import anoseg, anoseg.config, anoseg.heads, anoseg.trial, sys; print('search' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_max_fidelity_counts_epochs_of_trainable_heads(tmp_path):
+    raw = {"name": "t", "dataset": {"root": "d", "categories": ["a", "b"]}, "objective": "aupro",
+           "scheduler": {"name": "asha", "grace_period": 5},
+           "space": {"backbones": {"resnet18": {"weights": "none", "layers": [["layer1"]]}},
+                     "heads": {"padim": {}, "stfpm": {"epochs": {"type": "int", "low": 5, "high": 30, "step": 5}}}}}
+    space = validate_space(raw, "t.yaml")  # grace 5 > 2 categories is fine: STFPM trials report per epoch
+    assert space.max_fidelity(2) == 30
+    raw["space"]["heads"] = {"stfpm": {}}
+    assert validate_space(raw, "t.yaml").max_fidelity(2) == 20  # the head's default epochs
+    raw["space"]["heads"] = {"padim": {}}
+    with pytest.raises(ConfigError, match="largest fidelity here is 2"):
+        validate_space(raw, "t.yaml")
