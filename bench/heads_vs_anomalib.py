@@ -3,8 +3,8 @@
     .venv/bin/python bench/heads_vs_anomalib.py [--repeats 3] [--heads padim patchcore]
         [--backbone-padim resnet18] [--backbone-patchcore resnet18 [wide_resnet50_2]]
         [--categories brick grass gravel washer] [--threads 2 [1]] [--batch-size 16]
-        [--anoseg-source HEAD|worktree] [--data DIR] [--anomalib-venv DIR]
-        [--out bench/results/heads_vs_anomalib.json]
+        [--anoseg-source HEAD|<git revision>|worktree] [--data DIR] [--anomalib-venv DIR]
+        [--no-diagnose] [--fresh] [--out bench/results/heads_vs_anomalib.json]
 
 Prints one JSON object (also written to --out); progress goes to stderr.
 
@@ -50,6 +50,16 @@ RssAnon (anonymous memory: tensors, heap), read from /proc by the parent every P
 library import and model build), ``work_anon_mib`` = peak RssAnon - RssAnon after the import and the
 model build (what fit + test add). Metrics are computed here, uniformly, with
 ``anoseg.metrics.evaluate`` from the maps and scores each worker saved.
+
+Diagnostic (--no-diagnose skips it): one more anomalib PaDiM run whose layer2/3 are resized onto
+layer1's grid bilinearly, as anoseg does, instead of anomalib's nearest neighbour; the JSON's
+"diagnostics" compares its metrics with anoseg's, to tell the implementations' metric gap from the
+resize choice. Not timed against anything.
+
+Every finished run is kept under ``~/.cache/anoseg/bench/runs/<setting hash>``: started again with the
+same setting (same anoseg package content, anomalib version, data, weights, jobs), the benchmark
+continues where an interrupted start stopped (--fresh starts over); the JSON says how many runs were
+kept and the time since the first start.
 """
 from __future__ import annotations
 
@@ -82,6 +92,7 @@ METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_f1_max", "image_f1_max"
 VERIFY_IMAGES = 8
 VERIFY_TOL = 1e-4  # max |difference| of the layer maps relative to their max |value|
 POLL_S = 0.01  # how often the parent reads a worker's RssAnon
+STATE_VERSION = 1  # bump when what a saved run holds changes
 NOTES = (
     "PaDiM layers: anomalib resizes layer2/3 onto layer1's grid with nearest neighbour, anoseg "
     "(combine_layers) bilinearly; anoseg keeps every channel until the head picks n_features, anomalib "
@@ -94,6 +105,10 @@ NOTES = (
     "PatchCore maps: anomalib upsamples patch scores with nearest neighbour before the sigma-4 blur, "
     "anoseg bilinearly; image scores use the same re-weighting over 9 bank neighbours",
     "Blur: both sigma 4, kernel 33, reflect padding (anomalib GaussianBlur2d, anoseg torchvision gaussian_blur)",
+    "Determinism: anomalib's PatchCore coreset varies between processes (its SparseRandomProjection draws "
+    "column indices with sklearn's sample_without_replacement(random_state=None), i.e. numpy's unseeded "
+    "global RNG; torch is seeded here, numpy is not, as without Lightning's seed_everything), so its "
+    "metrics are medians over the repeats; anoseg's are identical in every repeat",
 )
 
 
@@ -195,18 +210,19 @@ def _git(*args: str) -> str:
 
 
 def snapshot_anoseg(source: str, dest: Path) -> dict:
-    """Copy the anoseg package (committed HEAD or the working tree) to ``dest``; every process of the run
+    """Copy the anoseg package (of a git revision or the working tree) to ``dest``; every process of the run
     imports that copy, so edits to the working tree during the run change nothing."""
     dest.mkdir(parents=True)
-    if source == "HEAD":
-        archive = subprocess.run(["git", "archive", "HEAD", "anoseg"], cwd=ROOT, capture_output=True, check=True)
-        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
-    else:
+    if source == "worktree":
         shutil.copytree(ROOT / "anoseg", dest / "anoseg", ignore=shutil.ignore_patterns("__pycache__"))
+    else:
+        archive = subprocess.run(["git", "archive", source, "anoseg"], cwd=ROOT, capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
     digest = hashlib.sha256()
     for path in sorted((dest / "anoseg").rglob("*.py")):
         digest.update(path.relative_to(dest).as_posix().encode() + b"\0" + path.read_bytes())
-    return {"source": source, "commit": _git("rev-parse", "--short", "HEAD").strip(),
+    revision = "HEAD" if source == "worktree" else source
+    return {"source": source, "commit": _git("rev-parse", "--short", revision).strip(),
             "package_sha256_16": digest.hexdigest()[:16],
             "worktree_changes_in_anoseg": _git("status", "--porcelain", "--", "anoseg").splitlines()}
 
@@ -437,15 +453,35 @@ class AnomalibSide:
         print(f"anomalib {job['backbone']}: load_state_dict(strict=False): {len(result.missing_keys)} missing, "
               f"{len(result.unexpected_keys)} unexpected keys (unused layers / classifier)", file=sys.stderr)
         if missing:
-            raise SystemExit(f"anomalib's feature extractor lacks {len(missing)} keys of the weights file: {missing[:5]}")
+            raise SystemExit(f"anomalib's feature extractor lacks {len(missing)} keys of the weights file: "
+                             f"{missing[:5]}")
         self.info = {"load_state_dict": {"missing_keys": len(result.missing_keys),
                                          "unexpected_keys": len(result.unexpected_keys),
-                                         "unexpected_examples": sorted({k.split('.')[0] for k in result.unexpected_keys})},
+                                         "unexpected_examples": sorted({k.split(".")[0]
+                                                                        for k in result.unexpected_keys})},
                      "used_keys": len(extractor.state_dict())}
         if job["head"] == "padim":
             self.model.idx.copy_(torch.tensor(job["padim_channels"]))  # anoseg's channel subset
+            if job.get("layer_resize", "nearest") != "nearest":  # diagnostic variant, see --no-diagnose
+                self.model.generate_embedding = self._embedding_resized_with(job["layer_resize"])
         self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+    def _embedding_resized_with(self, mode: str):
+        """PadimModel.generate_embedding with another resize mode for layer2/3 (anomalib: nearest)."""
+        import torch
+        import torch.nn.functional as F
+
+        model = self.model
+
+        def generate_embedding(features):
+            embeddings = features[model.layers[0]]
+            for layer in model.layers[1:]:
+                resized = F.interpolate(features[layer], size=embeddings.shape[-2:], mode=mode, align_corners=False)
+                embeddings = torch.cat((embeddings, resized), 1)
+            return torch.index_select(embeddings, 1, model.idx.to(embeddings.device))
+
+        return generate_embedding
 
     def _batches(self, images):
         bs = self.job["batch_size"]
@@ -560,6 +596,11 @@ def compute_metrics(npz: Path, tensors: dict, categories: list[str]) -> dict:
     return out
 
 
+def median_metrics(per_run: list[dict]) -> dict:
+    """{category or "mean": {metric: median over the repeats}}."""
+    return {c: {k: statistics.median(m[c][k] for m in per_run) for k in METRICS} for c in per_run[0]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -575,9 +616,12 @@ def main() -> None:
     parser.add_argument("--data", help="an existing data set in the MVTec AD layout (default: generate)")
     parser.add_argument("--anomalib-venv", default=str(CACHE / "anomalib-venv"))
     parser.add_argument("--anomalib-spec", default="anomalib", help="pip requirement for the anomalib venv")
-    parser.add_argument("--anoseg-source", choices=["HEAD", "worktree"], default="HEAD",
-                        help="benchmark the committed anoseg package (default) or the working tree's; either is "
+    parser.add_argument("--anoseg-source", default="HEAD",
+                        help="the anoseg package to benchmark: a git revision (default HEAD) or 'worktree'; "
                              "copied once at the start")
+    parser.add_argument("--no-diagnose", dest="diagnose", action="store_false",
+                        help="skip the extra anomalib PaDiM run with anoseg's (bilinear) layer resize")
+    parser.add_argument("--fresh", action="store_true", help="ignore runs kept from an earlier, interrupted start")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "heads_vs_anomalib.json"))
     args = parser.parse_args()
     if args.worker:
@@ -610,7 +654,8 @@ def main() -> None:
     weights: dict[str, dict] = {}
     for head, backbone in pairs:
         path = prepare_weights(backbone)
-        weights[backbone] = {"file": str(path), "sha256_16": sha256(path), "init": f"timm random init, torch.manual_seed({SEED})"}
+        weights[backbone] = {"file": str(path), "sha256_16": sha256(path),
+                             "init": f"timm random init, torch.manual_seed({SEED})"}
         job = {"head": head, "backbone": backbone, "layers": list(HEAD_LAYERS[head]), "weights": str(path),
                "anoseg_path": anoseg_path, "tensors": str(tensors_file), "categories": args.categories,
                "batch_size": args.batch_size}
@@ -628,18 +673,52 @@ def main() -> None:
         pythons = {"anoseg": sys.executable, "anomalib": str(python)}
         sides = ("anoseg", "anomalib")
 
+        # Every finished run is kept under state_dir, so a benchmark that was killed (a shared machine)
+        # continues where it stopped when started again with the same setting; --fresh starts over.
+        state_key = hashlib.sha256(json.dumps({
+            "version": STATE_VERSION, "anoseg": anoseg_src["package_sha256_16"], "anomalib": anomalib_version,
+            "tensors": tensors_file.name, "weights": {b: w["sha256_16"] for b, w in weights.items()},
+            "jobs": {k: {kk: vv for kk, vv in j.items() if kk != "anoseg_path"} for k, j in jobs.items()},
+        }, sort_keys=True).encode()).hexdigest()[:16]
+        state_dir = CACHE / "runs" / state_key
+        if args.fresh and state_dir.is_dir():
+            shutil.rmtree(state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        if not (state_dir / "started_at").is_file():
+            (state_dir / "started_at").write_text(str(time.time()))
+        first_start = float((state_dir / "started_at").read_text())
+        log(f"finished runs are kept in {state_dir}")
+        resumed: list[str] = []
+
+        def once(name: str, compute) -> dict:
+            path = state_dir / f"{name}.json"
+            if path.is_file():
+                resumed.append(name)
+                return json.loads(path.read_text())
+            result = {**compute(), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+            path.with_suffix(".tmp").write_text(json.dumps(result))
+            path.with_suffix(".tmp").replace(path)
+            return result
+
         baseline: dict[str, dict[str, list[dict]]] = {s: {"torch_tensors": [], "with_library": []} for s in sides}
         for rep in range(args.repeats):
             for side in sides if rep % 2 == 0 else sides[::-1]:
                 for with_library in (False, True):
                     job = {"kind": "baseline", "side": side, "with_library": with_library, "anoseg_path": anoseg_path,
                            "tensors": str(tensors_file), "categories": args.categories, "threads": args.threads[0]}
-                    memory, _ = run_child(pythons[side], job, workdir, f"baseline-{side}-{int(with_library)}-{rep}",
-                                          args.threads[0])
-                    baseline[side]["with_library" if with_library else "torch_tensors"].append(memory)
+                    name = f"baseline-{side}-{int(with_library)}-{rep}"
+                    done = once(name, lambda: dict(zip(("memory", "info"), run_child(
+                        pythons[side], job, workdir, name, args.threads[0]))))
+                    baseline[side]["with_library" if with_library else "torch_tensors"].append(done["memory"])
         base = {s: {variant: {k: round(statistics.median(m[k] for m in ms), 1) for k in ms[0]}
                     for variant, ms in baseline[s].items()} for s in sides}
         log(f"baseline peak memory (MiB): {base}")
+
+        def measured_run(python: str, job: dict, name: str) -> dict:
+            memory, info = run_child(python, job, workdir, name, job["threads"])
+            metrics = compute_metrics(workdir / f"{name}.npz", tensors, args.categories)
+            (workdir / f"{name}.npz").unlink()
+            return {"memory": memory, "info": info, "metrics": metrics}
 
         runs: dict[str, dict[str, list[dict]]] = {key: {s: [] for s in sides} for key in jobs}
         metrics: dict[str, dict[str, list[dict]]] = {key: {s: [] for s in sides} for key in jobs}
@@ -648,28 +727,59 @@ def main() -> None:
                 for side in sides if rep % 2 == 0 else sides[::-1]:
                     name = f"{side}-{key.replace('/', '-').replace('=', '')}-{rep}"
                     log(f"repeat {rep + 1}/{args.repeats}: {side} {key}")
-                    memory, info = run_child(pythons[side], {**job, "kind": "run", "side": side}, workdir, name,
-                                             job["threads"])
-                    memory["net_rss_mib"] = round(memory["peak_rss_mib"] - base[side]["torch_tensors"]["peak_rss_mib"], 1)
+                    done = once(name, lambda: measured_run(pythons[side], {**job, "kind": "run", "side": side}, name))
+                    info, memory = done["info"], dict(done["memory"])
+                    memory["net_rss_mib"] = round(memory["peak_rss_mib"]
+                                                  - base[side]["torch_tensors"]["peak_rss_mib"], 1)
                     memory["net_anon_mib"] = round(memory["peak_anon_mib"]
                                                    - info["memory_trace_mib"]["tensors"]["RssAnon"], 1)
                     memory["work_anon_mib"] = round(memory["peak_anon_mib"]
                                                     - info["memory_trace_mib"]["model"]["RssAnon"], 1)
                     info["memory"] = memory
+                    info["finished_at"] = done["finished_at"]
                     runs[key][side].append(info)
-                    metrics[key][side].append(compute_metrics(workdir / f"{name}.npz", tensors, args.categories))
-                    (workdir / f"{name}.npz").unlink()
+                    metrics[key][side].append(done["metrics"])
                     total = sum(c["fit_s"] + c["test_s"] for c in info["categories"].values())
                     log(f"  fit+test {total:.2f} s, peak RSS {memory['peak_rss_mib']:.0f} MiB "
                         f"(net {memory['net_rss_mib']:.0f}, anon net {memory['net_anon_mib']:.0f}), "
                         f"image AUROC {metrics[key][side][-1]['mean']['image_auroc']:.4f}, "
-                        f"pixel AUROC {metrics[key][side][-1]['mean']['pixel_auroc']:.4f}")
+                        f"pixel AUROC {metrics[key][side][-1]['mean']['pixel_auroc']:.4f}"
+                        + (" (kept from an earlier start)" if name in resumed else ""))
 
+        diagnostics = {}
+        if args.diagnose:
+            for key, job in jobs.items():
+                if job["head"] != "padim" or job["threads"] != args.threads[0]:
+                    continue
+                # Is the PaDiM metric gap the layer resize? anomalib once more, resizing like anoseg.
+                name = f"diagnose-anomalib-{key.replace('/', '-').replace('=', '')}-bilinear"
+                log(f"diagnostic: anomalib {key} with bilinear layer resize")
+                done = once(name, lambda: measured_run(
+                    pythons["anomalib"], {**job, "kind": "run", "side": "anomalib", "layer_resize": "bilinear"}, name))
+                ours = median_metrics(metrics[key]["anoseg"])
+                diagnostics[key.rsplit("/", 1)[0] + ": anomalib PaDiM resizing layer2/3 bilinearly like anoseg"] = {
+                    "anomalib_bilinear": {c: {k: round(v, 4) for k, v in m.items()}
+                                          for c, m in done["metrics"].items()},
+                    "diff_anoseg_minus_anomalib_bilinear": {
+                        c: {k: round(ours[c][k] - done["metrics"][c][k], 4)
+                            for k in ("image_auroc", "pixel_auroc", "aupro")}
+                        for c in (*args.categories, "mean")},
+                    "fit_s": round(sum(c["fit_s"] for c in done["info"]["categories"].values()), 2),
+                    "test_s": round(sum(c["test_s"] for c in done["info"]["categories"].values()), 2),
+                }
+
+    finished = [time.mktime(time.strptime(r["finished_at"], "%Y-%m-%d %H:%M:%S %Z"))
+                for per_key in runs.values() for rs in per_key.values() for r in rs]
     results = {}
+    summary = {}
     for key in jobs:
         med = {s: summarise(runs[key][s], args.categories) for s in sides}
-        met = {s: metrics[key][s][0] for s in sides}
+        met = {s: median_metrics(metrics[key][s]) for s in sides}
         stable = {s: all(m == metrics[key][s][0] for m in metrics[key][s]) for s in sides}
+        spread = {s: {f"{c}/{k}": [round(min(m[c][k] for m in metrics[key][s]), 4),
+                                   round(max(m[c][k] for m in metrics[key][s]), 4)]
+                      for c in (*args.categories, "mean") for k in METRICS
+                      if len({m[c][k] for m in metrics[key][s]}) > 1} for s in sides}
         a, b = med["anoseg"], med["anomalib"]
         ratios = {
             "fit_speedup": round(b["fit_s"] / a["fit_s"], 2),
@@ -688,8 +798,10 @@ def main() -> None:
                         if k not in ("tensors", "categories", "padim_channels", "anoseg_path")},
             "median": med,
             "ratios_anomalib_over_anoseg_time_and_anoseg_over_anomalib_memory": ratios,
-            "metrics": {s: {c: {k: round(v, 4) for k, v in m.items()} for c, m in met[s].items()} for s in sides},
+            "metrics_median_over_repeats": {s: {c: {k: round(v, 4) for k, v in m.items()} for c, m in met[s].items()}
+                                            for s in sides},
             "metrics_identical_across_repeats": stable,
+            "metrics_min_max_where_repeats_differ": spread,
             "metric_diff_anoseg_minus_anomalib": {"mean": diffs, "per_category": per_cat_diffs},
             "targets": {
                 "speedup_ge_2": ratios["total_speedup"] >= 2,
@@ -702,11 +814,23 @@ def main() -> None:
             },
             "runs": {s: runs[key][s] for s in sides},
         }
+        summary[key] = {
+            "total_s": {s: med[s]["total_s"] for s in sides},
+            "speedup_fit_test_total": [ratios["fit_speedup"], ratios["test_speedup"], ratios["total_speedup"]],
+            "memory_ratio_peak_rss_net_rss_net_anon_work_anon": [ratios["peak_rss_ratio"], ratios["net_rss_ratio"],
+                                                                  ratios["net_anon_ratio"], ratios["work_anon_ratio"]],
+            "image_auroc": {s: round(met[s]["mean"]["image_auroc"], 4) for s in sides},
+            "pixel_auroc": {s: round(met[s]["mean"]["pixel_auroc"], 4) for s in sides},
+            "aupro": {s: round(met[s]["mean"]["aupro"], 4) for s in sides},
+            "targets_met": [t for t, ok in results[key]["targets"].items() if ok],
+            "targets_missed": [t for t, ok in results[key]["targets"].items() if not ok],
+        }
 
     report = {
         "benchmark": "heads_vs_anomalib",
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "setting": {"repeats": args.repeats, "categories": args.categories, "image_size": IMAGE_SIZE,
+        "setting": {"command": " ".join(["python", "bench/heads_vs_anomalib.py", *sys.argv[1:]]),
+                    "repeats": args.repeats, "categories": args.categories, "image_size": IMAGE_SIZE,
                     "threads": args.threads, "batch_size": args.batch_size, "data": str(data_dir),
                     "n_train": {c: len(tensors[c]["train"]) for c in args.categories},
                     "n_test": {c: len(tensors[c]["test"]) for c in args.categories},
@@ -719,9 +843,14 @@ def main() -> None:
         "baseline_memory_mib": base,
         "verification": verification,
         "notes": list(NOTES),
+        "summary": summary,
+        "diagnostics": diagnostics,
         "results": results,
         "setup_s": round(setup_s, 1),
         "wall_s": round(time.perf_counter() - wall_start, 1),
+        "runs_kept_from_earlier_starts": len(resumed),
+        "span_s_first_start_to_last_run": round(max(finished) - first_start, 1),
+        "state_dir": str(state_dir),
     }
     text = json.dumps(report, indent=2)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
