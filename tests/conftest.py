@@ -64,3 +64,19 @@ def empty_hub_caches(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     return tmp_path
+
+
+def seed_hf_cache(hub_root: Path, pretrained_tag: str, state_dict: dict) -> str:
+    """Write `state_dict` into an (empty_hub_caches) Hugging Face cache as timm's `pretrained_tag`; returns the repo id."""
+    import safetensors.torch
+    import timm
+
+    repo_id = timm.get_pretrained_cfg(pretrained_tag).hf_hub_id
+    repo = hub_root / "hf" / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    safetensors.torch.save_file(
+        {k: v.contiguous() for k, v in state_dict.items()}, str(repo / "snapshots" / ("0" * 40) / "model.safetensors")
+    )
+    return repo_id

@@ -19,6 +19,7 @@ from anoseg.backbones import registry as registry_mod
 from anoseg.backbones.timm_models import converted_weights_path, load_classifier
 from anoseg.backbones.weights import convert_by_position, parse_weights
 from anoseg.errors import ConfigError, WeightsError
+from tests.conftest import seed_hf_cache
 
 EXPECTED = {
     "hrnet_w18_small": "timm",
@@ -426,19 +427,11 @@ def test_hub_loads_from_torch_cache_without_network(no_network, empty_hub_caches
 
 
 def test_hub_loads_from_hf_cache_without_network(no_network, empty_hub_caches, tmp_path):
-    import safetensors.torch
     import timm
 
     torch.manual_seed(4)
     sd = timm.create_model("hrnet_w18_small", pretrained=False).state_dict()
-    repo_id = timm.get_pretrained_cfg("hrnet_w18_small.gluon_in1k").hf_hub_id
-    repo = empty_hub_caches / "hf" / f"models--{repo_id.replace('/', '--')}"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text("0" * 40)
-    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
-    safetensors.torch.save_file(
-        {k: v.contiguous() for k, v in sd.items()}, str(repo / "snapshots" / ("0" * 40) / "model.safetensors")
-    )
+    repo_id = seed_hf_cache(empty_hub_caches, "hrnet_w18_small.gluon_in1k", sd)
     torch.save(sd, tmp_path / "same.pth")
     ext = B.create_backbone("hrnet_w18_small", ["stage2"], weights="hub")
     assert ext.weights == "hub" and ext.pretrained and repo_id in ext.weights_detail

@@ -16,6 +16,7 @@ import torch
 import anoseg.backbones as B
 from anoseg.backbones.timm_models import HUB_TAGS
 from anoseg.errors import ConfigError
+from tests.conftest import seed_hf_cache
 
 NEW_TIMM = [
     "hrnet_w48", "resnet50", "wide_resnet101_2", "densenet121", "convnext_tiny", "efficientnet_b0",
@@ -182,20 +183,12 @@ def test_file_weights_new_torchvision(tmp_path):
 
 def test_hub_timm_from_hf_cache_without_network(no_network, empty_hub_caches, tmp_path):
     """weights="hub" for a new timm backbone reads the tag's repo from the local HF cache (seeded here)."""
-    import safetensors.torch
     import timm
 
     name = "mobilenetv3_large_100"
     torch.manual_seed(7)
     sd = timm.create_model(name, pretrained=False).state_dict()
-    repo_id = timm.get_pretrained_cfg(HUB_TAGS[name]).hf_hub_id
-    repo = empty_hub_caches / "hf" / f"models--{repo_id.replace('/', '--')}"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text("0" * 40)
-    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
-    safetensors.torch.save_file(
-        {k: v.contiguous() for k, v in sd.items()}, str(repo / "snapshots" / ("0" * 40) / "model.safetensors")
-    )
+    repo_id = seed_hf_cache(empty_hub_caches, HUB_TAGS[name], sd)
     torch.save(sd, tmp_path / "same.pth")
     ext = B.create_backbone(name, ["blocks.2"], weights="hub")
     assert ext.weights == "hub" and ext.pretrained and repo_id in ext.weights_detail
