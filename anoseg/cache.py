@@ -159,8 +159,9 @@ def cached_layer_maps(
     """Layer maps for `keys` ({layer: key}), computing the missing ones with `compute(layers)`.
 
     `compute(missing_layers) -> (maps {layer: tensor}, seconds_per_image)`. Returns the maps
-    (float32, always rounded through fp16 so results do not depend on whether the cache is on)
-    and the extraction cost per image (measured now, or as stored with the entries; the
+    as float16 (memory-mapped on a hit: nothing is read until used; always fp16 so results do
+    not depend on whether the cache is on; consumers convert what they use to float32) and the
+    extraction cost per image (measured now, or as stored with the entries; the
     largest over the layers, i.e. the forward pass to the deepest one).
     """
     found = {layer: cache.get(key) for layer, key in keys.items()}
@@ -178,4 +179,4 @@ def cached_layer_maps(
         maps, seconds = compute(missing)
         found.update({layer: CachedLayer(maps[layer].half(), seconds) for layer in missing})
     seconds = max(hit.seconds_per_image for hit in found.values())
-    return {layer: hit.maps.float() for layer, hit in found.items()}, seconds
+    return {layer: hit.maps for layer, hit in found.items()}, seconds
