@@ -1,10 +1,17 @@
 """Helpers shared by the search tests: a tiny, fast space on the synthetic dataset."""
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import pytest
 import yaml
 
 TINY_SPACE: dict[str, Any] = {
@@ -51,3 +58,40 @@ def read_records(run_path: Path, statuses: tuple[str, ...] | None = None) -> dic
         if statuses is None or rec.get("status") in statuses:
             out[rec["trial_id"]] = rec
     return out
+
+
+def kill_search_when(cmd: list[str], ready: Callable[[], bool], timeout: float) -> None:
+    """Run `anoseg search run` as a subprocess and SIGKILL it, with every process it started, once `ready()`.
+
+    Ray's workers are the raylet's children and would otherwise live on for a few seconds after the
+    driver died; they are killed too, so that a resume right after this sees a dead search only.
+    """
+    import psutil
+
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + timeout
+    while not ready() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    if proc.poll() is not None:
+        pytest.fail(f"the search ended before it could be killed:\n{proc.stdout.read().decode()[-3000:]}")
+    family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    os.killpg(proc.pid, signal.SIGKILL)
+    for member in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
+    psutil.wait_procs(family, timeout=30)
+    proc.wait()
+
+
+def resume_search_cli(run_path: Path, timeout: float) -> subprocess.CompletedProcess:
+    """`anoseg search resume run_path`, asserted to succeed; on a timeout it and its Ray processes are killed."""
+    cmd = [sys.executable, "-m", "anoseg.cli", "search", "resume", str(run_path)]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"resume did not end within {timeout} s:\n{out[-3000:]}\n{err[-3000:]}")
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -1,12 +1,8 @@
 """End-to-end searches on an embedded Ray: records, Optuna states, failures, kill + resume."""
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -16,7 +12,7 @@ import pytest
 
 from search.run_dir import RunDir
 from search.runner import start_search, summary
-from tests.search_helpers import read_records, write_space
+from tests.search_helpers import kill_search_when, read_records, resume_search_cli, write_space
 
 pytestmark = pytest.mark.slow
 
@@ -83,22 +79,13 @@ def test_killed_search_resumes_without_losing_or_repeating_trials(synthetic_root
     results = tmp_path / "results"
     run_path = results / "tiny"
     cmd = [sys.executable, "-m", "anoseg.cli", "search", "run", str(space), "--data", str(synthetic_root), "--results", str(results)]
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 240
-    while len(_finished(run_path)) < 2 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    if proc.poll() is not None:
-        pytest.fail(f"the search ended before it could be killed:\n{proc.stdout.read().decode()[-3000:]}")
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
-    proc.wait()
+    kill_search_when(cmd, lambda: len(_finished(run_path)) >= 2, timeout=240)
     before = _finished(run_path)
     assert 2 <= len(before) < 8, "the search must be killed mid-way for this test to mean anything"
 
-    resumed = subprocess.run([sys.executable, "-m", "anoseg.cli", "search", "resume", str(run_path)],
-                             capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    resumed = resume_search_cli(run_path, timeout=400)
     after = _finished(run_path)
-    assert len(after) == 8
+    assert len(after) == 8, resumed.stdout[-4000:] + resumed.stderr[-4000:]
     for trial_id, record in before.items():  # nothing finished before the kill was lost or re-run
         assert after[trial_id]["ended"] == record["ended"]
         assert after[trial_id]["metrics"] == record["metrics"]

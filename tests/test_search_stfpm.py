@@ -1,18 +1,14 @@
 """Searches with a trainable head (STFPM): ASHA over epochs, and a killed search continuing a trial from its checkpoint."""
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
-import time
 from collections import Counter
 
 import optuna
 import pytest
 
 from search.runner import start_search
-from tests.search_helpers import read_records, write_space
+from tests.search_helpers import kill_search_when, read_records, resume_search_cli, write_space
 
 pytestmark = pytest.mark.slow
 
@@ -57,28 +53,19 @@ def test_killed_search_continues_the_stfpm_trial_from_its_last_epoch(synthetic_r
     run_path = results / "tiny"
     cmd = [sys.executable, "-m", "anoseg.cli", "search", "run", str(space), "--data", str(synthetic_root),
            "--results", str(results)]
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 300
-
     def epochs_done() -> int:
         return max((int(r.get("step") or 0) for r in read_records(run_path).values()), default=0)
 
-    while epochs_done() < 3 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    if proc.poll() is not None:
-        pytest.fail(f"the search ended before it could be killed:\n{proc.stdout.read().decode()[-3000:]}")
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_search_when(cmd, lambda: epochs_done() >= 3, timeout=300)
     killed_at = epochs_done()
     assert 3 <= killed_at < 12, "the trial must be killed mid-way for this test to mean anything"
 
-    resumed = subprocess.run([sys.executable, "-m", "anoseg.cli", "search", "resume", str(run_path)],
-                             capture_output=True, text=True, timeout=400)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    (record,) = read_records(run_path).values()
+    resumed = resume_search_cli(run_path, timeout=400)
+    records = list(read_records(run_path).values())
+    assert len(records) == 1, (resumed.stdout[-4000:] + resumed.stderr[-4000:], records)
+    (record,) = records
     assert record["status"] == "completed" and record["step"] == 12, record
-    # Tune's last saved checkpoint is at most one epoch behind the record: the trial went on from there
-    # The trial went on from its checkpoint, not from epoch 0. The killed driver's worker lives on a moment and
-    # may save the epoch it was training (the same state a resumed trial would reach: training is seeded).
+    # The trial went on from its checkpoint, not from epoch 0. The worker may have saved an epoch or so that the
+    # driver had not recorded yet when it was killed (the same state a resumed trial reaches: training is seeded).
     assert killed_at <= record["resumed_from_epoch"] <= killed_at + 2, (killed_at, record)
     assert 0 <= record["metrics"]["aupro"] <= 1
