@@ -50,23 +50,42 @@ def combine_layers(
     layer_maps: Mapping[str, torch.Tensor],
     layers: Sequence[str] | None = None,
     patch_size: int = 1,
+    channels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Concatenate layers on the grid of the finest one (bilinear resize).
+    """Concatenate layers on the grid of the finest one (bilinear resize), as float32.
 
     `patch_size` > 1 first averages every position over its patch_size x
     patch_size neighbourhood (PatchCore's locally aware patch features). The
     border is zero-padded, as in the PatchCore reference code: averaging over
     fewer cells there instead makes corner features noisier and, with few
     training images, lets them dominate the image score.
+
+    `channels` (sorted indices into the concatenation): build only those, in that
+    order; equal to combining everything and then selecting them, without ever
+    holding the full (N, C, H, W) map.
     """
     layers = list(layers or layer_maps)
     grid = max((layer_maps[name].shape[-2:] for name in layers), key=lambda s: s[0] * s[1])
     parts = []
+    offset = 0
     for name in layers:
-        fmap = layer_maps[name].float()
+        fmap = layer_maps[name]
+        width = fmap.shape[1]
+        if channels is not None:
+            local = channels[(channels >= offset) & (channels < offset + width)] - offset
+            offset += width
+            if local.numel() == 0:
+                continue
+            fmap = fmap.index_select(1, local.to(fmap.device))
+        fmap = fmap.float()
         if patch_size > 1:
             fmap = F.avg_pool2d(fmap, patch_size, stride=1, padding=patch_size // 2, count_include_pad=True)
         if fmap.shape[-2:] != grid:
             fmap = F.interpolate(fmap, size=tuple(grid), mode="bilinear", align_corners=False)
         parts.append(fmap)
     return torch.cat(parts, dim=1)
+
+
+def total_channels(layer_maps: Mapping[str, torch.Tensor], layers: Sequence[str] | None = None) -> int:
+    """Channels of the combined map of `layers`."""
+    return sum(layer_maps[name].shape[1] for name in (layers or layer_maps))

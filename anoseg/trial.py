@@ -17,8 +17,8 @@ from anoseg.backbones import create_backbone
 from anoseg.config import TrialConfig
 from anoseg.cache import CacheKey, FeatureCache, cached_layer_maps
 from anoseg.data import category_fingerprint, load_images, load_test, load_train, resolve_categories
-from anoseg.features import combine_layers, extract_layers, resolve_device, synchronize
-from anoseg.heads import HEADS, create_head, final_maps
+from anoseg.features import extract_layers, resolve_device, synchronize
+from anoseg.heads import HEADS, create_head, final_maps, head_features
 from anoseg.metrics import evaluate
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "pixel_f1_max", "image_f1_max")
@@ -84,7 +84,7 @@ def evaluate_category(
     n_train = len(next(iter(train_maps.values())))
     synchronize(device)
     start = time.perf_counter()
-    head.fit(combine_layers(train_maps, cfg.layers, head.patch_size).to(device))
+    head.fit(head_features(head, train_maps, cfg.layers).to(device))
     synchronize(device)
     fit_seconds = train_seconds * n_train + time.perf_counter() - start
     del train_maps

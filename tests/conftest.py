@@ -80,3 +80,9 @@ def seed_hf_cache(hub_root: Path, pretrained_tag: str, state_dict: dict) -> str:
         {k: v.contiguous() for k, v in state_dict.items()}, str(repo / "snapshots" / ("0" * 40) / "model.safetensors")
     )
     return repo_id
+
+
+def assert_features_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Feature maps equal up to float32 summation order (extractors run NHWC, references NCHW):
+    absolute tolerance 1e-5 of the largest magnitude."""
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * max(1.0, float(expected.abs().max())))

@@ -19,7 +19,7 @@ from anoseg.backbones import registry as registry_mod
 from anoseg.backbones.timm_models import converted_weights_path, load_classifier
 from anoseg.backbones.weights import convert_by_position, parse_weights
 from anoseg.errors import ConfigError, WeightsError
-from tests.conftest import seed_hf_cache
+from tests.conftest import assert_features_close, seed_hf_cache
 
 EXPECTED = {
     "hrnet_w18_small": "timm",
@@ -264,8 +264,8 @@ def test_offline_lite_weights_classify_a_cat(name):
         for i in range(5):
             h = model.blocks[i](h)
             if i == 1:
-                torch.testing.assert_close(feats["blocks.1"], h)
-        torch.testing.assert_close(feats["blocks.4"], h)
+                assert_features_close(feats["blocks.1"], h)
+        assert_features_close(feats["blocks.4"], h)
     assert converted_weights_path(name).is_file()
 
 
@@ -322,7 +322,7 @@ def test_file_weights_timm(tmp_path, suffix):
     _assert_frozen(ext)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(ext(x)["layer2"], _timm_resnet18_reference(sd, x))
+        assert_features_close(ext(x)["layer2"], _timm_resnet18_reference(sd, x))
 
 
 def test_file_weights_torchvision(tmp_path):
@@ -337,18 +337,18 @@ def test_file_weights_torchvision(tmp_path):
     with torch.no_grad():
         ref = seg.backbone(x)
         out = ext(x)
-    torch.testing.assert_close(out["features.4"], ref["low"])
-    torch.testing.assert_close(out["features.16"], ref["high"])
+    assert_features_close(out["features.4"], ref["low"])
+    assert_features_close(out["features.16"], ref["high"])
 
     det = fasterrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None).eval()
     torch.save(det.state_dict(), tmp_path / "frcnn.pt")
     ext = B.create_backbone("fasterrcnn_resnet50_fpn_v2", ["fpn.1", "body.layer3"], weights=str(tmp_path / "frcnn.pt"))
     with torch.no_grad():
         out = ext(x)
-        torch.testing.assert_close(out["fpn.1"], det.backbone(x)["1"])
+        assert_features_close(out["fpn.1"], det.backbone(x)["1"])
         body = det.backbone.body
         h = body.layer2(body.layer1(body.maxpool(body.relu(body.bn1(body.conv1(x))))))
-        torch.testing.assert_close(out["body.layer3"], body.layer3(h))
+        assert_features_close(out["body.layer3"], body.layer3(h))
 
 
 def test_file_weights_errors(tmp_path):
@@ -423,7 +423,7 @@ def test_hub_loads_from_torch_cache_without_network(no_network, empty_hub_caches
     assert ext.weights == "hub" and ext.pretrained and "LRASPP" in ext.weights_detail
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(ext(x)["features.4"], model.backbone(x)["low"])
+        assert_features_close(ext(x)["features.4"], model.backbone(x)["low"])
 
 
 def test_hub_loads_from_hf_cache_without_network(no_network, empty_hub_caches, tmp_path):
@@ -438,4 +438,4 @@ def test_hub_loads_from_hf_cache_without_network(no_network, empty_hub_caches, t
     ref = B.create_backbone("hrnet_w18_small", ["stage2"], weights=str(tmp_path / "same.pth"))
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(ext(x)["stage2"], ref(x)["stage2"])
+        assert_features_close(ext(x)["stage2"], ref(x)["stage2"])

@@ -16,7 +16,7 @@ import torch
 import anoseg.backbones as B
 from anoseg.backbones.timm_models import HUB_TAGS
 from anoseg.errors import ConfigError
-from tests.conftest import seed_hf_cache
+from tests.conftest import assert_features_close, seed_hf_cache
 
 NEW_TIMM = [
     "hrnet_w48", "resnet50", "wide_resnet101_2", "densenet121", "convnext_tiny", "efficientnet_b0",
@@ -149,7 +149,7 @@ def test_file_weights_timm_match_the_full_model(name, tmp_path):
         with torch.no_grad():
             out = ext(x)
         for layer in chosen:
-            torch.testing.assert_close(out[layer], ref[layers.index(layer)])
+            assert_features_close(out[layer], ref[layers.index(layer)])
 
 
 def test_file_weights_new_torchvision(tmp_path):
@@ -164,10 +164,10 @@ def test_file_weights_new_torchvision(tmp_path):
     with torch.no_grad():
         feats = seg.backbone(x)
         out = ext(x)
-        torch.testing.assert_close(out["features.4"], feats["aux"])
-        torch.testing.assert_close(out["aspp"], seg.classifier[0](feats["out"]))
+        assert_features_close(out["features.4"], feats["aux"])
+        assert_features_close(out["aspp"], seg.classifier[0](feats["out"]))
         head = seg.classifier
-        torch.testing.assert_close(out["head"], head[3](head[2](head[1](head[0](feats["out"])))))
+        assert_features_close(out["head"], head[3](head[2](head[1](head[0](feats["out"])))))
 
     det = fcos_resnet50_fpn(weights=None, weights_backbone=None).eval()
     torch.save(det.state_dict(), tmp_path / "fcos.pt")
@@ -175,10 +175,10 @@ def test_file_weights_new_torchvision(tmp_path):
     with torch.no_grad():
         out = ext(x)
         ref = det.backbone(x)
-        torch.testing.assert_close(out["fpn.0"], ref["0"])
-        torch.testing.assert_close(out["fpn.p7"], ref["p7"])
+        assert_features_close(out["fpn.0"], ref["0"])
+        assert_features_close(out["fpn.p7"], ref["p7"])
         body = det.backbone.body
-        torch.testing.assert_close(out["body.layer1"], body.layer1(body.maxpool(body.relu(body.bn1(body.conv1(x))))))
+        assert_features_close(out["body.layer1"], body.layer1(body.maxpool(body.relu(body.bn1(body.conv1(x))))))
 
 
 def test_hub_timm_from_hf_cache_without_network(no_network, empty_hub_caches, tmp_path):
@@ -194,7 +194,7 @@ def test_hub_timm_from_hf_cache_without_network(no_network, empty_hub_caches, tm
     assert ext.weights == "hub" and ext.pretrained and repo_id in ext.weights_detail
     ref = B.create_backbone(name, ["blocks.2"], weights=str(tmp_path / "same.pth"))
     with torch.no_grad():
-        torch.testing.assert_close(ext(_x())["blocks.2"], ref(_x())["blocks.2"])
+        assert_features_close(ext(_x())["blocks.2"], ref(_x())["blocks.2"])
 
 
 def test_hub_torchvision_from_torch_cache_without_network(no_network, empty_hub_caches):
@@ -211,7 +211,7 @@ def test_hub_torchvision_from_torch_cache_without_network(no_network, empty_hub_
     ext = B.create_backbone("deeplabv3_mobilenet_v3_large", ["aspp"], weights="hub")
     assert ext.weights == "hub" and ext.pretrained and "DeepLabV3_MobileNet_V3_Large" in ext.weights_detail
     with torch.no_grad():
-        torch.testing.assert_close(ext(_x())["aspp"], model.classifier[0](model.backbone(_x())["out"]))
+        assert_features_close(ext(_x())["aspp"], model.classifier[0](model.backbone(_x())["out"]))
 
 
 @pytest.mark.parametrize(

@@ -119,3 +119,48 @@ def test_anomaly_maps_upsample_and_smooth():
     assert maps.shape == (1, 64, 64)
     assert maps[0].argmax() // 64 in range(30, 40)  # peak stays around the centre
     assert float(maps.max()) < 1.0  # smoothing spreads the peak
+
+
+def test_padim_fit_in_chunks_of_positions_matches_naive_mahalanobis(monkeypatch):
+    import anoseg.heads.padim as padim
+
+    train, test = normal_features(n=15, c=10, h=6, w=7), normal_features(n=2, c=10, h=6, w=7, seed=1)
+    whole = create_head("padim", n_features=6)
+    whole.fit(train)
+    monkeypatch.setattr(padim, "CHUNK_ELEMENTS", 6 * 15 * 4)  # 4 positions a chunk: 11 chunks, the last short
+    chunked = create_head("padim", n_features=6)
+    chunked.fit(train)
+    torch.testing.assert_close(chunked.cholesky, whole.cholesky)
+    torch.testing.assert_close(chunked.score(test)[0], whole.score(test)[0])
+
+
+def test_head_features_build_only_the_channels_padim_reads():
+    from anoseg.features import combine_layers
+    from anoseg.heads import head_features
+
+    g = torch.Generator().manual_seed(0)
+    layer_maps = {"fine": torch.randn(4, 6, 8, 8, generator=g).half(), "mid": torch.randn(4, 10, 4, 4, generator=g),
+                  "coarse": torch.randn(4, 12, 2, 2, generator=g)}
+    head = create_head("padim", n_features=5, seed=1)
+    features = head_features(head, layer_maps, ["fine", "mid", "coarse"])
+    assert features.shape == (4, 5, 8, 8) and features.dtype == torch.float32
+    full = combine_layers(layer_maps, ["fine", "mid", "coarse"])
+    torch.testing.assert_close(features, full.index_select(1, head.channels), rtol=0, atol=1e-6)
+    # a subset that skips a layer entirely, with PatchCore-style patch averaging
+    only = torch.tensor([6, 9, 20])
+    torch.testing.assert_close(combine_layers(layer_maps, None, 3, only),
+                               combine_layers(layer_maps, None, 3).index_select(1, only), rtol=0, atol=1e-6)
+    # PaDiM fitted on the subset scores full combined features the same (the ONNX graph passes those)
+    head.fit(features)
+    torch.testing.assert_close(head.score(full)[0], head.score(features)[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="padim expects 28 combined channels"):
+        head.score(full[:, :7])
+
+
+def test_gaussian_smoothing_equals_torchvision_blur():
+    from torchvision.transforms.functional import gaussian_blur
+
+    from anoseg.heads.base import gaussian_smooth
+
+    maps = torch.rand(3, 1, 70, 90, generator=torch.Generator().manual_seed(0)) * 5
+    torch.testing.assert_close(gaussian_smooth(maps, 4.0), gaussian_blur(maps, [33, 33], [4.0, 4.0]), rtol=0, atol=2e-5)

@@ -265,6 +265,7 @@ def build_timm(name: str, layers: tuple[str, ...] | None, weights: WeightsSpec) 
         weights_detail=detail if weights.kind != "none" else "",
         pretrained=weights.pretrained,
         size_divisor=_size_divisor(arch, wanted),
+        channels_last=not arch.startswith("convnext"),  # its LayerNorms permute anyway: NHWC is not faster
     )
 
 
