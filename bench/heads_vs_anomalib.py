@@ -68,7 +68,6 @@ import hashlib
 import inspect
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -77,6 +76,8 @@ import sysconfig
 import tempfile
 import time
 from pathlib import Path
+
+from machine_info import machine  # bench/ is on sys.path when a benchmark runs as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("ANOSEG_BENCH_CACHE", Path.home() / ".cache" / "anoseg" / "bench"))
@@ -114,13 +115,6 @@ NOTES = (
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def machine() -> dict:
-    import torch
-
-    return {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def sha256(path: Path) -> str:
@@ -396,8 +390,14 @@ class AnosegSide:
 
         self.head = self._new_head()
         train_maps = extract_layers(self.backbone, images, self.job["batch_size"], self.device)
-        self.head.fit(combine_layers(train_maps, self.layers, self.head.patch_size))
+        try:  # as anoseg.trial fits: only the channels the head reads (anoseg >= bcd9cf3)
+            from anoseg.heads import head_features
+        except ImportError:
+            features = combine_layers(train_maps, self.layers, self.head.patch_size)
+        else:
+            features = head_features(self.head, train_maps, self.layers)
         del train_maps
+        self.head.fit(features)
 
     def test(self, images):
         import torch

@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -30,13 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from search.run_dir import RunDir  # noqa: E402
 from search.runner import start_search  # noqa: E402
-
-
-def machine() -> dict:
-    import torch
-
-    return {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+from machine_info import machine  # noqa: E402
 
 
 def one_search(space_file: Path, data: str, trials: int, cache: bool, workdir: Path, tag: str) -> dict:
