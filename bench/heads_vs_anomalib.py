@@ -677,6 +677,7 @@ def main() -> None:
         # continues where it stopped when started again with the same setting; --fresh starts over.
         state_key = hashlib.sha256(json.dumps({
             "version": STATE_VERSION, "anoseg": anoseg_src["package_sha256_16"], "anomalib": anomalib_version,
+            "benchmark": sha256(Path(__file__)),  # the workers' code is part of the setting
             "tensors": tensors_file.name, "weights": {b: w["sha256_16"] for b, w in weights.items()},
             "jobs": {k: {kk: vv for kk, vv in j.items() if kk != "anoseg_path"} for k, j in jobs.items()},
         }, sort_keys=True).encode()).hexdigest()[:16]
