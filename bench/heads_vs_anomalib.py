@@ -96,8 +96,8 @@ POLL_S = 0.01  # how often the parent reads a worker's RssAnon
 STATE_VERSION = 1  # bump when what a saved run holds changes
 NOTES = (
     "PaDiM layers: anomalib resizes layer2/3 onto layer1's grid with nearest neighbour, anoseg "
-    "(combine_layers) bilinearly; anoseg keeps every channel until the head picks n_features, anomalib "
-    "picks them per batch",
+    "(combine_layers) bilinearly; anoseg (head_features, since commit bcd9cf3) builds only the n_features "
+    "channels PaDiM reads, anomalib concatenates all layers and picks them per batch",
     "PaDiM covariance: both add 0.01 I (anomalib also 1e-5 I); anomalib inverts it (torch.linalg.inv) and "
     "scores with matmuls, anoseg factors it (Cholesky) and scores with triangular solves",
     "PatchCore coreset: anomalib projects with a sparse random projection (eps 0.9: ~260 dims here) and "
