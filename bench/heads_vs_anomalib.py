@@ -105,7 +105,8 @@ NOTES = (
     "random start and projection, so the coresets differ; anomalib keeps int(0.1 n), anoseg round(0.1 n)",
     "PatchCore maps: anomalib upsamples patch scores with nearest neighbour before the sigma-4 blur, "
     "anoseg bilinearly; image scores use the same re-weighting over 9 bank neighbours",
-    "Blur: both sigma 4, kernel 33, reflect padding (anomalib GaussianBlur2d, anoseg torchvision gaussian_blur)",
+    "Blur: both sigma 4, kernel 33, reflect padding (anomalib GaussianBlur2d, anoseg gaussian_smooth: two 1-D passes, "
+    "equal to torchvision's gaussian_blur within 2e-5)",
     "Determinism: anomalib's PatchCore coreset varies between processes (its SparseRandomProjection draws "
     "column indices with sklearn's sample_without_replacement(random_state=None), i.e. numpy's unseeded "
     "global RNG; torch is seeded here, numpy is not, as without Lightning's seed_everything), so its "

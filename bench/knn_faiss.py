@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 FAISS_DIR = Path.home() / ".cache" / "anoseg" / "bench" / "faiss"
+from machine_info import machine  # noqa: E402  (bench/ is on sys.path when run as a script)
 CASES = [  # (name, bank rows, queries, dims, k)
     ("resnet18 l2+3, 32x32 grid, bank 12k", 12_288, 8_192, 384, 1),
     ("resnet18 l2+3, k=9", 12_288, 8_192, 384, 9),
@@ -94,8 +94,7 @@ def main() -> None:
         "benchmark": "knn_faiss", "date": time.strftime("%Y-%m-%d"),
         "setting": {"repeats": args.repeats, "threads": args.threads, "faiss": faiss.__version__,
                     "index": "IndexFlatL2 (exact)", "anoseg": "anoseg.heads.patchcore.knn (chunks of 4096 rows)"},
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "torch": torch.__version__},
+        "machine": machine(),
         "results": results,
     }
     text = json.dumps(report, indent=2)

@@ -19,8 +19,6 @@ import argparse
 import bisect
 import datetime
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -32,6 +30,7 @@ from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from anoseg import metrics  # noqa: E402
+from machine_info import machine  # noqa: E402
 
 
 def reference_pro_curve(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -143,12 +142,7 @@ def main(argv: list[str] | None = None) -> None:
             "distinct_scores": int(np.unique(maps).size),
             "anomalous_pixel_fraction": round(float(masks.mean()), 5),
             "regions": int(n_regions),
-            "machine": {
-                "platform": platform.platform(),
-                "cpu_count": os.cpu_count(),
-                "python": platform.python_version(),
-                "numpy": np.__version__,
-            },
+            "machine": {**machine(), "numpy": np.__version__},
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         },
         "aupro": {
