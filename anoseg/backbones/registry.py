@@ -64,7 +64,7 @@ class FeatureExtractor(nn.Module):
     Attributes: ``name``, ``layers``, ``mean``, ``std``, ``weights`` (provenance: ``"offline:<package>"``,
     ``"hub"``, ``"file:<path>"`` or ``"none (random init)"``), ``weights_detail`` (which checkpoint, where known),
     ``pretrained``, ``size_divisor`` (H and W must be multiples of it; 1 = any size), ``channels`` and
-    ``strides`` (per requested layer). ``channels_last``: the body runs in NHWC memory format (1.2-1.6x
+    ``strides`` (per requested layer). ``channels_last``: the body runs in NHWC memory format (1.2-1.9x
     faster convolutions on the CPU, see BENCHMARKS.md); what it returns is contiguous NCHW either way.
     """
 
