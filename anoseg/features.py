@@ -1,7 +1,7 @@
 """Feature extraction: backbone layers -> one (N, C, H, W) map on a common grid."""
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,24 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.inference_mode()
+def iter_layer_maps(
+    backbone: torch.nn.Module,
+    images: torch.Tensor,
+    batch_size: int = 16,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Run `backbone` over images (N, 3, H, W) in [0, 1] a batch at a time; yields {layer: (n, C, h, w)}
+    on `device` per batch. The backbone's own mean/std normalisation is applied here."""
+    mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(backbone.std, device=device).view(1, 3, 1, 1)
+    for start in range(0, len(images), batch_size):
+        with torch.inference_mode():
+            batch = (images[start:start + batch_size].to(device, non_blocking=True) - mean) / std
+            maps = {layer: fmap.to(dtype) for layer, fmap in backbone(batch).items()}
+        yield maps
+
+
 def extract_layers(
     backbone: torch.nn.Module,
     images: torch.Tensor,
@@ -32,18 +49,20 @@ def extract_layers(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
-    """Run `backbone` over images (N, 3, H, W) in [0, 1]; returns {layer: (N, C, h, w)} on `device`.
-
-    The backbone's own mean/std normalisation is applied here, batch by batch.
-    """
-    mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(backbone.std, device=device).view(1, 3, 1, 1)
+    """Run `backbone` over images (N, 3, H, W) in [0, 1]; returns {layer: (N, C, h, w)} on `device`
+    (see iter_layer_maps)."""
     chunks: dict[str, list[torch.Tensor]] = {}
-    for start in range(0, len(images), batch_size):
-        batch = (images[start:start + batch_size].to(device, non_blocking=True) - mean) / std
-        for layer, fmap in backbone(batch).items():
-            chunks.setdefault(layer, []).append(fmap.to(dtype))
+    for maps in iter_layer_maps(backbone, images, batch_size, device, dtype):
+        for layer, fmap in maps.items():
+            chunks.setdefault(layer, []).append(fmap)
     return {layer: torch.cat(parts) for layer, parts in chunks.items()}
+
+
+def layer_map_batches(layer_maps: Mapping[str, torch.Tensor], batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """{layer: (N, ...)} -> {layer: (n, ...)} slices of at most `batch_size` images (views, no copy)."""
+    n = len(next(iter(layer_maps.values())))
+    for start in range(0, n, batch_size):
+        yield {layer: fmap[start:start + batch_size] for layer, fmap in layer_maps.items()}
 
 
 def combine_layers(

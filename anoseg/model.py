@@ -406,8 +406,8 @@ def fit_model(
     thresholds there and (with `out_dir`) save the model folder. Returns the FittedModel."""
     from anoseg.backbones import create_backbone
     from anoseg.data import category_fingerprint, load_test, load_train, resolve_categories
-    from anoseg.features import extract_layers, resolve_device, synchronize
-    from anoseg.heads import create_head, head_features
+    from anoseg.features import iter_layer_maps, resolve_device, synchronize
+    from anoseg.heads import create_head, fit_head
     from anoseg.metrics import evaluate
 
     say = progress or (lambda _msg: None)
@@ -429,7 +429,7 @@ def fit_model(
         say(f"fitting {cfg.head_name} on {len(train)} training images of {category} ({cfg.backbone.name}, {backbone.weights})")
         synchronize(dev)
         start = time.perf_counter()
-        head.fit(head_features(head, extract_layers(backbone, train, cfg.batch_size, dev), cfg.layers))
+        fit_head(head, iter_layer_maps(backbone, train, cfg.batch_size, dev), cfg.layers)
         synchronize(dev)
         fit_seconds = time.perf_counter() - start
         n_train = len(train)

@@ -17,8 +17,8 @@ from anoseg.backbones import create_backbone
 from anoseg.config import TrialConfig
 from anoseg.cache import CacheKey, FeatureCache, cached_layer_maps
 from anoseg.data import category_fingerprint, load_images, load_test, load_train, resolve_categories
-from anoseg.features import extract_layers, resolve_device, synchronize
-from anoseg.heads import HEADS, create_head, final_maps, head_features
+from anoseg.features import extract_layers, layer_map_batches, resolve_device, synchronize
+from anoseg.heads import HEADS, create_head, final_maps, fit_head
 from anoseg.metrics import evaluate
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "pixel_f1_max", "image_f1_max")
@@ -84,7 +84,7 @@ def evaluate_category(
     n_train = len(next(iter(train_maps.values())))
     synchronize(device)
     start = time.perf_counter()
-    head.fit(head_features(head, train_maps, cfg.layers).to(device))
+    fit_head(head, layer_map_batches(train_maps, cfg.batch_size), cfg.layers, device)
     synchronize(device)
     fit_seconds = train_seconds * n_train + time.perf_counter() - start
     del train_maps
@@ -94,8 +94,7 @@ def evaluate_category(
         backbone, cfg, cache, keys("test"), lambda: load_images(test.paths, cfg.image_size), device)
     start = time.perf_counter()
     maps_list, scores_list = [], []
-    for first in range(0, len(test.paths), cfg.batch_size):
-        batch = {layer: m[first:first + cfg.batch_size] for layer, m in test_maps.items()}
+    for batch in layer_map_batches(test_maps, cfg.batch_size):
         maps, scores = final_maps(head, batch, cfg.layers, cfg.image_size, device=device)
         maps_list.append(maps.cpu())
         scores_list.append(scores.cpu())

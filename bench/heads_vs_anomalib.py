@@ -22,8 +22,9 @@ channels. PatchCore: layer2-3, coreset ratio 0.1, k 1, re-weighting over 9 neigh
 The anoseg package is copied once at the start (``git archive HEAD`` by default, or the working tree)
 and every process imports that copy, so edits made while the benchmark runs change nothing.
 
-Sides. anoseg uses its public pieces as ``anoseg.trial.evaluate_category`` does (create_backbone,
-extract_layers, combine_layers, create_head, final_maps). anomalib (``pip install anomalib`` into a
+Sides. anoseg uses its public pieces as ``anoseg.model.fit_model`` and ``FittedModel.predict`` do
+(create_backbone, create_head; fit: ``fit_head`` over ``iter_layer_maps``, so layer maps go into the head
+a batch at a time; test: ``extract_layers`` + ``final_maps`` a batch at a time). anomalib (``pip install anomalib`` into a
 venv this script creates, which sees anoseg's torch / timm through a .pth file, so both run the same
 torch) uses its torch models (``PadimModel`` / ``PatchcoreModel``) the way its Lightning modules do:
 train-mode forward per batch to collect embeddings, then ``fit()`` / ``subsample_embedding(0.1)``,
@@ -98,8 +99,10 @@ NOTES = (
     "PaDiM layers: anomalib resizes layer2/3 onto layer1's grid with nearest neighbour, anoseg "
     "(combine_layers) bilinearly; anoseg (head_features, since commit bcd9cf3) builds only the n_features "
     "channels PaDiM reads, anomalib concatenates all layers and picks them per batch",
-    "PaDiM covariance: both add 0.01 I (anomalib also 1e-5 I); anomalib inverts it (torch.linalg.inv) and "
-    "scores with matmuls, anoseg factors it (Cholesky) and scores with triangular solves",
+    "PaDiM covariance: both add 0.01 I (anomalib also 1e-5 I); anomalib keeps every training embedding, then "
+    "inverts the covariances (torch.linalg.inv) and scores with matmuls; anoseg (fit_batches) holds batches only "
+    "until they outgrow the per-position sums, builds the Cholesky factors in the sums' buffer and scores with "
+    "triangular solves",
     "PatchCore coreset: anomalib projects with a sparse random projection (eps 0.9: ~260 dims here) and "
     "computes full norms per step, anoseg projects to 128 dims with a dense Gaussian matrix; different "
     "random start and projection, so the coresets differ; anomalib keeps int(0.1 n), anoseg round(0.1 n)",
@@ -387,11 +390,22 @@ class AnosegSide:
         return create_head("patchcore", **PATCHCORE)
 
     def fit(self, images) -> None:
+        self.head = self._new_head()
+        try:  # as anoseg.model.fit_model fits: layer maps a batch at a time into the head (anoseg >= fit_head)
+            from anoseg.features import iter_layer_maps
+            from anoseg.heads import fit_head
+        except ImportError:
+            self._fit_at_once(images)
+        else:
+            fit_head(self.head, iter_layer_maps(self.backbone, images, self.job["batch_size"], self.device),
+                     self.layers)
+
+    def _fit_at_once(self, images) -> None:
+        """Older snapshots: every train map first, then the head's features."""
         from anoseg.features import combine_layers, extract_layers
 
-        self.head = self._new_head()
         train_maps = extract_layers(self.backbone, images, self.job["batch_size"], self.device)
-        try:  # as anoseg.trial fits: only the channels the head reads (anoseg >= bcd9cf3)
+        try:  # only the channels the head reads (anoseg >= bcd9cf3)
             from anoseg.heads import head_features
         except ImportError:
             features = combine_layers(train_maps, self.layers, self.head.patch_size)
@@ -401,16 +415,16 @@ class AnosegSide:
         self.head.fit(features)
 
     def test(self, images):
+        """As anoseg.model.FittedModel.predict: extract, score and post-process a batch at a time."""
         import torch
 
         from anoseg.features import combine_layers, extract_layers
         from anoseg.heads import final_maps
 
         bs = self.job["batch_size"]
-        test_maps = extract_layers(self.backbone, images, bs, self.device)
         maps_list, scores_list = [], []
         for first in range(0, len(images), bs):
-            batch = {layer: m[first:first + bs] for layer, m in test_maps.items()}
+            batch = extract_layers(self.backbone, images[first:first + bs], bs, self.device)
             if self.layer_maps_api:  # final_maps(head, layer_maps, layers, size): combines the layers itself
                 maps, scores = final_maps(self.head, batch, self.layers, IMAGE_SIZE)
             else:  # final_maps(head, features, size)

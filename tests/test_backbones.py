@@ -439,3 +439,19 @@ def test_hub_loads_from_hf_cache_without_network(no_network, empty_hub_caches, t
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert_features_close(ext(x)["stage2"], ref(x)["stage2"])
+
+
+def test_layer_maps_batch_by_batch_equal_extracting_at_once():
+    from anoseg.features import extract_layers, iter_layer_maps, layer_map_batches
+
+    torch.manual_seed(0)
+    ext = B.create_backbone("resnet18", ["layer1", "layer2"], weights="none")
+    images = torch.rand(5, 3, 64, 64)
+    whole = extract_layers(ext, images, batch_size=5)
+    batches = list(iter_layer_maps(ext, images, batch_size=2))
+    assert [len(b["layer1"]) for b in batches] == [2, 2, 1]
+    for layer in ("layer1", "layer2"):
+        assert_features_close(torch.cat([b[layer] for b in batches]), whole[layer])
+        sliced = list(layer_map_batches(whole, 2))
+        assert torch.equal(torch.cat([b[layer] for b in sliced]), whole[layer])
+        assert sliced[0][layer].data_ptr() == whole[layer].data_ptr()  # views, no copy

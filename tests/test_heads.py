@@ -134,6 +134,70 @@ def test_padim_fit_in_chunks_of_positions_matches_naive_mahalanobis(monkeypatch)
     torch.testing.assert_close(chunked.score(test)[0], whole.score(test)[0])
 
 
+def _naive_padim_maps(head, train, test, epsilon=0.01):
+    """Mahalanobis maps from float64 numpy covariances of the head's channels."""
+    idx = head.channels.numpy()
+    x, t = train.double().numpy()[:, idx], test.double().numpy()[:, idx]
+    out = np.empty((len(t),) + t.shape[2:])
+    for i in range(t.shape[2]):
+        for j in range(t.shape[3]):
+            v = x[:, :, i, j]
+            inv = np.linalg.inv(np.cov(v, rowvar=False) + epsilon * np.eye(len(idx)))
+            diff = t[:, :, i, j] - v.mean(0)
+            out[:, i, j] = np.sqrt(np.einsum("nd,de,ne->n", diff, inv, diff))
+    return out
+
+
+@pytest.mark.parametrize("batch", [3, 4, 40])
+def test_padim_fit_from_batches_matches_naive_mahalanobis(batch):
+    # d = 6 channels: batches are held until 6 images, then folded into running sums (batch 3 and 4
+    # cross that point; 40 never does). A mean far from 0 checks the shifted sums lose no precision.
+    train = normal_features(n=40, c=10, h=3, w=4) * 2 + 100
+    test = normal_features(n=3, c=10, h=3, w=4, seed=1) * 2 + 100
+    head = create_head("padim", n_features=6)
+    head.fit_batches(train[i:i + batch] for i in range(0, len(train), batch))
+    np.testing.assert_allclose(head.score(test)[0].numpy(), _naive_padim_maps(head, train, test), rtol=1e-4)
+    whole = create_head("padim", n_features=6)
+    whole.fit(train)
+    torch.testing.assert_close(head.cholesky, whole.cholesky, rtol=1e-4, atol=1e-4)
+
+
+def test_padim_batches_must_agree_and_exist():
+    head = create_head("padim", n_features=4)
+    with pytest.raises(ConfigError, match="a training batch has a 3x3 feature grid, the first one 4x5"):
+        head.fit_batches([normal_features(n=3), normal_features(n=3, h=3, w=3)])
+    with pytest.raises(ConfigError, match="padim: no training features"):
+        head.fit_batches([])
+    with pytest.raises(ConfigError, match="at least 2 training images"):
+        head.fit_batches([normal_features(n=1)])
+    with pytest.raises(ConfigError, match="patchcore: no training features"):
+        create_head("patchcore").fit_batches(iter([]))
+
+
+@pytest.mark.parametrize("name", ["patchcore", "gaussian_ad", "feature_dictionary"])
+def test_fitting_from_batches_equals_fitting_at_once(name):
+    train, test = normal_features(n=12, c=16), normal_features(n=2, c=16, seed=4)
+    at_once, batched = create_head(name), create_head(name)
+    at_once.fit(train)
+    batched.fit_batches(train[i:i + 5] for i in range(0, 12, 5))
+    torch.testing.assert_close(batched.score(test)[0], at_once.score(test)[0])
+
+
+def test_fit_head_streams_layer_maps_through_head_features():
+    from anoseg.features import combine_layers, layer_map_batches
+    from anoseg.heads import fit_head
+
+    g = torch.Generator().manual_seed(2)
+    layer_maps = {"fine": torch.randn(9, 6, 8, 8, generator=g).half(), "coarse": torch.randn(9, 12, 4, 4, generator=g)}
+    streamed, whole = create_head("padim", n_features=5), create_head("padim", n_features=5)
+    fit_head(streamed, layer_map_batches(layer_maps, 4), ["fine", "coarse"])
+    whole.fit(combine_layers(layer_maps).index_select(1, streamed.channels))  # the same 5 of 18, at once
+    assert streamed.in_channels == 18
+    test = combine_layers({k: v[:2] for k, v in layer_maps.items()})
+    torch.testing.assert_close(streamed.score(test)[0], whole.score(test.index_select(1, streamed.channels))[0],
+                               rtol=1e-4, atol=1e-4)
+
+
 def test_head_features_build_only_the_channels_padim_reads():
     from anoseg.features import combine_layers
     from anoseg.heads import head_features

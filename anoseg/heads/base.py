@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar, Mapping, Sequence, Union
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,11 @@ class Head(HeadBase):
     @abstractmethod
     def fit(self, features: torch.Tensor) -> None:
         """Learn from defect-free features (N, C, H, W)."""
+
+    def fit_batches(self, batches: Iterable[torch.Tensor]) -> None:
+        """Learn from defect-free features given in batches (each (n, C, H, W)); by default they are
+        concatenated and passed to `fit`. A head that can accumulate overrides it to keep memory flat."""
+        self.fit(torch.cat(list(batches)))
 
     def input_channels(self, n_channels: int) -> torch.Tensor | None:
         """Which of the `n_channels` combined channels the head reads (sorted indices), None: all.
@@ -183,6 +188,16 @@ def patch_scores(
         return head.score_images(images, layer_maps)
     features = head_features(head, layer_maps, layers)
     return head.score(features if device is None else features.to(device))
+
+
+def fit_head(
+    head: Head, layer_map_batches: Iterable[Mapping[str, torch.Tensor]], layers: Sequence[str],
+    device: torch.device | str | None = None,
+) -> None:
+    """Fit a feature head on batches of layer maps ({layer: (n, C, h, w)}), each turned into head
+    features (on `device`, default where the maps are) only when the head asks for it."""
+    head.fit_batches(head_features(head, maps, layers).to(device or next(iter(maps.values())).device)
+                     for maps in layer_map_batches)
 
 
 def head_features(head: Head, layer_maps: Mapping[str, torch.Tensor], layers: Sequence[str]) -> torch.Tensor:

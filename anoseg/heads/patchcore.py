@@ -7,10 +7,11 @@ the largest patch score re-weighted by how isolated its nearest entry is.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
+from anoseg.errors import ConfigError
 from anoseg.heads.base import Head, check_param, is_int, is_number, register_head
 
 CHUNK = 4096  # rows per distance block: bounds memory at CHUNK x bank size
@@ -86,8 +87,18 @@ class PatchCore(Head):
         return features.float().permute(0, 2, 3, 1).reshape(-1, features.shape[1])
 
     def fit(self, features: torch.Tensor) -> None:
-        self._check_features(features)
-        patches = self._patches(features)
+        self.fit_batches([features])
+
+    def fit_batches(self, batches: Iterable[torch.Tensor]) -> None:
+        """Collect the patches of every batch (one copy of them, however many batches), then choose the coreset."""
+        parts = []
+        for features in batches:
+            self._check_features(features)
+            parts.append(self._patches(features))
+        if not parts:
+            raise ConfigError("patchcore: no training features")
+        patches = parts[0] if len(parts) == 1 else torch.cat(parts)
+        del parts
         n = max(1, min(len(patches), round(self.coreset_ratio * len(patches))))
         if n < len(patches):
             generator = torch.Generator().manual_seed(self.seed)
