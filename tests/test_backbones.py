@@ -455,3 +455,71 @@ def test_layer_maps_batch_by_batch_equal_extracting_at_once():
         sliced = list(layer_map_batches(whole, 2))
         assert torch.equal(torch.cat([b[layer] for b in sliced]), whole[layer])
         assert sliced[0][layer].data_ptr() == whole[layer].data_ptr()  # views, no copy
+
+
+def _randomise_batchnorm(module: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+
+
+def test_batchnorm_folding_gives_the_same_features_and_keeps_the_state_dict():
+    from anoseg.backbones.folding import count_batchnorms
+
+    torch.manual_seed(0)
+    ext = B.create_backbone("resnet18", ["layer1", "layer3"], weights="none")
+    _randomise_batchnorm(ext.body, seed=1)
+    x = torch.rand(2, 3, 64, 64)
+    keys = set(ext.state_dict())
+    with torch.inference_mode():
+        folded = ext._inference_body()
+        assert count_batchnorms(ext.body) == 15 and count_batchnorms(folded) == 0
+        out = ext(x)
+    ext.fold_batchnorm = False
+    with torch.inference_mode():
+        plain = ext(x)
+    for layer in ("layer1", "layer3"):
+        assert_features_close(out[layer], plain[layer])
+    assert set(ext.state_dict()) == keys  # the folded copy is no submodule: saved models are unchanged
+    assert any(k.endswith("bn1.running_var") for k in keys)
+
+
+def test_batchnorm_folding_follows_weight_changes_and_stays_out_of_training():
+    torch.manual_seed(0)
+    ext = B.create_backbone("resnet18", ["layer2"], weights="none")
+    other = B.create_backbone("resnet18", ["layer2"], weights="none")
+    _randomise_batchnorm(other.body, seed=2)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        first = ext._inference_body()
+        ext(x)
+    ext.load_state_dict(other.state_dict())  # in-place copies: the fold must be made again
+    with torch.inference_mode():
+        assert ext._inference_body() is not first
+        assert_features_close(ext(x)["layer2"], other(x)["layer2"])
+    ext.double()
+    with torch.inference_mode():
+        assert ext(x.double())["layer2"].dtype == torch.float64
+    with torch.enable_grad():
+        assert ext._inference_body() is ext.body  # autograd (a student's training) always runs the body
+
+
+def test_untraceable_backbones_run_unfolded():
+    from anoseg.backbones.folding import fold_batchnorm
+
+    class Branchy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+                x = x * 2
+            return {"out": self.bn(self.conv(x))}
+
+    assert fold_batchnorm(Branchy().eval()) is None
