@@ -71,6 +71,26 @@ def test_greedy_coreset_is_k_center():
         assert torch.isclose(d[idx[i]], d.max())
 
 
+def test_greedy_coreset_over_parts_equals_over_the_stacked_rows():
+    from anoseg.heads.patchcore import take_rows
+
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.randn(n, 24, generator=g) for n in (50, 7, 80)]
+    whole = torch.cat(parts)
+    pick = lambda x: greedy_coreset(x, 20, projection_dim=8, generator=torch.Generator().manual_seed(1))  # noqa: E731
+    idx = pick(parts)
+    assert torch.equal(idx, pick(whole))
+    assert torch.equal(take_rows(parts, idx), whole[idx])
+
+
+def test_patchcore_bank_from_batches_equals_bank_at_once_with_projection():
+    train = normal_features(n=12, c=16)
+    at_once, batched = create_head("patchcore", projection_dim=8), create_head("patchcore", projection_dim=8)
+    at_once.fit(train)
+    batched.fit_batches(train[i:i + 5] for i in range(0, 12, 5))
+    assert torch.equal(batched.memory_bank, at_once.memory_bank) and len(at_once.memory_bank) == 24
+
+
 def test_patchcore_scores_equal_brute_force_nearest_neighbour():
     train, test = normal_features(n=10), normal_features(n=3, seed=2)
     head = create_head("patchcore", coreset_ratio=0.25, k=1, reweight_neighbours=0)

@@ -7,7 +7,7 @@ the largest patch score re-weighted by how isolated its nearest entry is.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -40,11 +40,18 @@ def knn(queries: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[torch.Tensor
     return torch.cat(dists), torch.cat(idx)
 
 
-def greedy_coreset(x: torch.Tensor, n: int, projection_dim: int, generator: torch.Generator) -> torch.Tensor:
-    """Indices of `n` rows of x chosen by greedy k-center selection in a random projection."""
-    if x.shape[1] > projection_dim:
-        proj = torch.randn(x.shape[1], projection_dim, generator=generator).to(x.device) / projection_dim**0.5
-        x = x @ proj
+def greedy_coreset(
+    x: torch.Tensor | Sequence[torch.Tensor], n: int, projection_dim: int, generator: torch.Generator,
+) -> torch.Tensor:
+    """Indices of `n` rows of x (one matrix, or the rows of several stacked) chosen by greedy
+    k-center selection in a random projection. Parts are projected one by one, so the full
+    matrix is never stacked."""
+    parts = [x] if isinstance(x, torch.Tensor) else list(x)
+    dim = parts[0].shape[1]
+    if dim > projection_dim:
+        proj = torch.randn(dim, projection_dim, generator=generator).to(parts[0].device) / projection_dim**0.5
+        parts = [part @ proj for part in parts]
+    x = parts[0] if len(parts) == 1 else torch.cat(parts)
     selected = torch.empty(n, dtype=torch.long)
     current = int(torch.randint(len(x), (1,), generator=generator))
     min_dist = torch.full((len(x),), float("inf"), device=x.device)
@@ -55,6 +62,19 @@ def greedy_coreset(x: torch.Tensor, n: int, projection_dim: int, generator: torc
         torch.minimum(min_dist, d2, out=min_dist)
         current = int(min_dist.argmax())
     return selected
+
+
+def take_rows(parts: Sequence[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` (indices into the parts stacked) of the stacked parts, without stacking them."""
+    ends = torch.tensor([len(p) for p in parts]).cumsum(0)
+    part_of = torch.searchsorted(ends, rows, right=True)
+    out = torch.empty(len(rows), parts[0].shape[1], dtype=parts[0].dtype, device=parts[0].device)
+    for i, part in enumerate(parts):
+        mask = part_of == i
+        if mask.any():
+            local = rows[mask] - (ends[i] - len(part))
+            out[mask.to(out.device)] = part.index_select(0, local.to(part.device))
+    return out
 
 
 @register_head("patchcore")
@@ -90,20 +110,22 @@ class PatchCore(Head):
         self.fit_batches([features])
 
     def fit_batches(self, batches: Iterable[torch.Tensor]) -> None:
-        """Collect the patches of every batch (one copy of them, however many batches), then choose the coreset."""
+        """Collect the patches of every batch, choose the coreset over all of them (projected a batch
+        at a time) and keep its rows: the patches are never stacked into one more copy."""
         parts = []
         for features in batches:
             self._check_features(features)
             parts.append(self._patches(features))
         if not parts:
             raise ConfigError("patchcore: no training features")
-        patches = parts[0] if len(parts) == 1 else torch.cat(parts)
-        del parts
-        n = max(1, min(len(patches), round(self.coreset_ratio * len(patches))))
-        if n < len(patches):
+        total = sum(len(p) for p in parts)
+        n = max(1, min(total, round(self.coreset_ratio * total)))
+        if n < total:
             generator = torch.Generator().manual_seed(self.seed)
-            patches = patches[greedy_coreset(patches, n, self.projection_dim, generator).to(patches.device)]
-        self.memory_bank = patches.contiguous()
+            self.memory_bank = take_rows(parts, greedy_coreset(parts, n, self.projection_dim, generator))
+        else:
+            self.memory_bank = parts[0] if len(parts) == 1 else torch.cat(parts)
+        self.memory_bank = self.memory_bank.contiguous()
 
     def score(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_features(features)
