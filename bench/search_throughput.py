@@ -1,6 +1,6 @@
 """Search throughput: the demo space, N trials, feature cache off vs on, in one run.
 
-    python bench/search_throughput.py [--trials 20] [--repeats 1] [--space spaces/quick.yaml]
+    python bench/search_throughput.py [--trials 20] [--repeats 3] [--space spaces/quick.yaml]
 
 Prints one JSON object: the setting, the machine, and per mode the wall time, trials/hour,
 the share of wall time spent outside trials (actor start, suggest, reporting, collation; Ray
@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--space", default=str(ROOT / "spaces" / "quick.yaml"))
     parser.add_argument("--data", default=str(ROOT / "results" / "data" / "synthetic"))
     parser.add_argument("--trials", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     if not Path(args.data).is_dir():
         from anoseg.data.synthetic import generate
