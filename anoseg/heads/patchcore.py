@@ -44,14 +44,20 @@ def greedy_coreset(
     x: torch.Tensor | Sequence[torch.Tensor], n: int, projection_dim: int, generator: torch.Generator,
 ) -> torch.Tensor:
     """Indices of `n` rows of x (one matrix, or the rows of several stacked) chosen by greedy
-    k-center selection in a random projection. Parts are projected one by one, so the full
-    matrix is never stacked."""
+    k-center selection in a random projection. Parts are projected one by one straight into the
+    projected matrix, so the unprojected rows are never stacked (only when they are no wider than
+    `projection_dim`, which makes no projection)."""
     parts = [x] if isinstance(x, torch.Tensor) else list(x)
     dim = parts[0].shape[1]
     if dim > projection_dim:
         proj = torch.randn(dim, projection_dim, generator=generator).to(parts[0].device) / projection_dim**0.5
-        parts = [part @ proj for part in parts]
-    x = parts[0] if len(parts) == 1 else torch.cat(parts)
+        x = torch.empty(sum(len(p) for p in parts), projection_dim, dtype=proj.dtype, device=proj.device)
+        first = 0
+        for part in parts:
+            torch.mm(part, proj, out=x[first:first + len(part)])
+            first += len(part)
+    else:
+        x = parts[0] if len(parts) == 1 else torch.cat(parts)
     selected = torch.empty(n, dtype=torch.long)
     current = int(torch.randint(len(x), (1,), generator=generator))
     min_dist = torch.full((len(x),), float("inf"), device=x.device)
