@@ -11,8 +11,6 @@ difference of the features relative to their magnitude.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 import time
@@ -25,7 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 from anoseg.backbones import create_backbone  # noqa: E402
 from anoseg.backbones.folding import count_batchnorms  # noqa: E402
-from machine_info import machine  # noqa: E402
+from backbone_bench import max_relative_diff, parse_args, run_cases  # noqa: E402
+from machine_info import proc_status_mib  # noqa: E402
 
 CASES = {
     "resnet18": ["layer1", "layer2", "layer3"],
@@ -37,21 +36,14 @@ CASES = {
 }
 
 
-def _status_mib(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(key)
-
-
 def forward_peak(run) -> tuple[float, float, dict]:
     """Seconds and peak resident MiB above the start of one call of `run`."""
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-    before = _status_mib("VmRSS")
+    before = proc_status_mib()["VmRSS"]
     start = time.perf_counter()
     out = run()
     seconds = time.perf_counter() - start
-    return seconds, _status_mib("VmHWM") - before, out
+    return seconds, proc_status_mib()["VmHWM"] - before, out
 
 
 @torch.inference_mode()
@@ -81,38 +73,21 @@ def compare(name: str, layers: list[str], batch: torch.Tensor, repeats: int) -> 
             del out
     med = {k: statistics.median(v[1:]) for k, v in times.items()}
     peak = {k: statistics.median(v[1:]) for k, v in peaks.items()}
-    rel = max(float((outputs["folded"][k] - outputs["unfolded"][k]).abs().max()
-                    / outputs["unfolded"][k].abs().max().clamp_min(1e-12)) for k in layers)
     return {"layers": layers, "batchnorms_folded": folds, "unfolded_s": round(med["unfolded"], 4),
             "folded_s": round(med["folded"], 4), "speedup_folded": round(med["unfolded"] / med["folded"], 2),
             "unfolded_peak_mib": round(peak["unfolded"], 1), "folded_peak_mib": round(peak["folded"], 1),
             "peak_ratio_folded": round(peak["folded"] / max(peak["unfolded"], 1e-9), 2),
-            "max_rel_feature_diff": float(f"{rel:.2e}")}
+            "max_rel_feature_diff": max_relative_diff(outputs["unfolded"], outputs["folded"])}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--backbones", nargs="+", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "backbone_folding.json"))
-    args = parser.parse_args()
+    args = parse_args(__doc__, CASES, default_batch=16, benchmark="backbone_folding")
     torch.set_num_threads(args.threads)
     batch = torch.rand(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
     batch = batch.contiguous(memory_format=torch.channels_last)
-    results = {}
-    for name in args.backbones:
-        results[name] = compare(name, CASES[name], batch, args.repeats)
-        print(f"{name}: {results[name]}", file=sys.stderr, flush=True)
-    report = {"benchmark": "backbone_folding", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "setting": {"threads": args.threads, "repeats": args.repeats, "batch": args.batch, "size": args.size,
-                          "weights": "none (random init, randomised BatchNorm statistics)", "device": "cpu",
-                          "memory_format": "channels_last"},
-              "machine": machine(), "results": results}
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    run_cases(args, CASES, "backbone_folding", batch, compare,
+              {"weights": "none (random init, randomised BatchNorm statistics)", "device": "cpu",
+               "memory_format": "channels_last"})
 
 
 if __name__ == "__main__":

@@ -9,8 +9,6 @@ where this shows no gain (ConvNeXt).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 import time
@@ -22,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from anoseg.backbones import create_backbone  # noqa: E402
-from machine_info import machine  # noqa: E402
+from backbone_bench import max_relative_diff, parse_args, run_cases  # noqa: E402
 
 CASES = {
     "resnet18": ["layer1", "layer2", "layer3"],
@@ -51,34 +49,18 @@ def time_formats(name: str, layers: list[str], batch: torch.Tensor, repeats: int
             times[fmt].append(time.perf_counter() - start)
             outputs[fmt] = {layer: out[layer].contiguous() for layer in layers}
     med = {fmt: statistics.median(t[1:]) for fmt, t in times.items()}
-    rel = max(float((outputs["nhwc"][k] - outputs["nchw"][k]).abs().max() / outputs["nchw"][k].abs().max().clamp_min(1e-12))
-              for k in layers)
     return {"layers": layers, "nchw_s": round(med["nchw"], 4), "nhwc_s": round(med["nhwc"], 4),
-            "speedup_nhwc": round(med["nchw"] / med["nhwc"], 2), "max_rel_feature_diff": float(f"{rel:.2e}"),
+            "speedup_nhwc": round(med["nchw"] / med["nhwc"], 2),
+            "max_rel_feature_diff": max_relative_diff(outputs["nchw"], outputs["nhwc"]),
             "extractor_uses_nhwc": extractor.channels_last}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--backbones", nargs="+", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "backbone_memory_format.json"))
-    args = parser.parse_args()
+    args = parse_args(__doc__, CASES, default_batch=8, benchmark="backbone_memory_format")
     torch.set_num_threads(args.threads)
     batch = torch.rand(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
-    results = {}
-    for name in args.backbones:
-        results[name] = time_formats(name, CASES[name], batch, args.repeats)
-        print(f"{name}: {results[name]}", file=sys.stderr, flush=True)
-    report = {"benchmark": "backbone_memory_format", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "setting": {"threads": args.threads, "repeats": args.repeats, "batch": args.batch, "size": args.size,
-                          "weights": "none (random init)", "device": "cpu"},
-              "machine": machine(), "results": results}
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    run_cases(args, CASES, "backbone_memory_format", batch, time_formats,
+              {"weights": "none (random init)", "device": "cpu"})
 
 
 if __name__ == "__main__":

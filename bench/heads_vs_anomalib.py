@@ -78,7 +78,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine_info import machine  # bench/ is on sys.path when a benchmark runs as a script
+from machine_info import machine, proc_status_mib  # bench/ is on sys.path when a benchmark runs as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("ANOSEG_BENCH_CACHE", Path.home() / ".cache" / "anoseg" / "bench"))
@@ -226,20 +226,6 @@ def snapshot_anoseg(source: str, dest: Path) -> dict:
 
 
 # --------------------------------------------------------------------------- child processes
-
-def proc_status_mib(pid: int | str = "self") -> dict[str, float]:
-    """VmRSS, VmHWM (peak RSS), RssAnon and RssFile of a process from /proc, in MiB ({} once it is gone)."""
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return {}
-    out = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-            out[key] = int(value.split()[0]) / 1024
-    return out
-
 
 def run_child(python: str, job: dict, workdir: Path, name: str, threads: int) -> tuple[dict, dict]:
     """Run a worker in a fresh process; its memory ({"peak_rss_mib"} from wait4's ru_maxrss,
