@@ -24,15 +24,57 @@ Every public function accepts numpy arrays or torch tensors and returns plain Py
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
-from sklearn.metrics import roc_auc_score
 
 from anoseg.errors import ConfigError, DataError
 
-__all__ = ["image_auroc", "pixel_auroc", "aupro", "pro_curve", "f1_max", "evaluate"]
+__all__ = ["Metric", "METRICS", "QUALITY_METRICS", "COST_METRICS", "MEMORY_METRICS", "METRIC_NAMES", "metric",
+           "image_auroc", "pixel_auroc", "aupro", "pro_curve", "f1_max", "evaluate"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A figure a trial reports: its name, whether higher or lower is better, and what it means."""
+
+    name: str
+    mode: str  # "max" | "min": the better direction
+    description: str
+    kind: str  # "quality" (from the maps and scores, per category) | "cost" (per category) | "memory" (per trial)
+    label: str  # short column header
+
+
+#: Every metric a trial reports, in display order. Objectives, tables, exports and dashboards read this list.
+METRICS: tuple[Metric, ...] = (
+    Metric("image_auroc", "max", "image-level AUROC of the image scores", "quality", "img AUROC"),
+    Metric("pixel_auroc", "max", "pixel-level AUROC of the anomaly maps", "quality", "px AUROC"),
+    Metric("aupro", "max", "area under the per-region overlap curve up to 30% FPR, normalised", "quality",
+           "AUPRO@0.3"),
+    Metric("pixel_f1_max", "max", "best pixel F1 over all thresholds", "quality", "px F1max"),
+    Metric("image_f1_max", "max", "best image F1 over all thresholds", "quality", "img F1max"),
+    Metric("fit_seconds", "min", "backbone forward over the training images + head fit, seconds", "cost", "fit s"),
+    Metric("ms_per_image", "min", "backbone forward + scoring + map post-processing per test image, ms", "cost",
+           "ms/img"),
+    Metric("peak_rss_mb", "min", "peak resident memory of the trial's process, MiB", "memory", "RSS MiB"),
+    Metric("peak_gpu_mb", "min", "peak GPU memory allocated, MiB (CUDA only)", "memory", "GPU MiB"),
+)
+_BY_NAME = {m.name: m for m in METRICS}
+QUALITY_METRICS: tuple[str, ...] = tuple(m.name for m in METRICS if m.kind == "quality")
+COST_METRICS: tuple[str, ...] = tuple(m.name for m in METRICS if m.kind == "cost")
+MEMORY_METRICS: tuple[str, ...] = tuple(m.name for m in METRICS if m.kind == "memory")
+#: What is measured per category (and averaged over categories): quality and cost.
+CATEGORY_METRICS: tuple[str, ...] = QUALITY_METRICS + COST_METRICS
+#: The metrics an objective may name.
+METRIC_NAMES: tuple[str, ...] = CATEGORY_METRICS
+
+
+def metric(name: str) -> Metric:
+    """The Metric called `name`; a ConfigError listing the known ones otherwise."""
+    if name not in _BY_NAME:
+        raise ConfigError(f"unknown metric {name!r}; allowed: {', '.join(_BY_NAME)}")
+    return _BY_NAME[name]
 
 DEFAULT_FPR_LIMIT = 0.3
 
@@ -190,6 +232,8 @@ def _f1_max_sorted(normal_sorted: np.ndarray, positive_sorted: np.ndarray) -> fl
 def _region_weights(masks: np.ndarray) -> tuple[np.ndarray, int]:
     """Per anomalous pixel (C order of ``masks``), 1 / size of its 8-connected region; and the
     number of regions pooled over all images."""
+    from scipy import ndimage
+
     labelled, n_regions = ndimage.label(masks, structure=_REGION_STRUCTURE)
     region_ids = labelled[masks]
     sizes = np.bincount(region_ids, minlength=n_regions + 1).astype(np.float64)
@@ -286,6 +330,8 @@ class _SortedPixels:
 def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     """Image-level AUROC (scikit-learn ``roc_auc_score``) of per-image labels 0/1 and scores."""
     labels_b, scores_f = _image_inputs(labels, scores)
+    from sklearn.metrics import roc_auc_score
+
     return float(roc_auc_score(labels_b, scores_f))
 
 
@@ -349,6 +395,8 @@ def evaluate(
             f"got {labels_b.shape[0]} image labels/scores but {masks_b.shape[0]} masks/maps; "
             "there must be one per image"
         )
+    from sklearn.metrics import roc_auc_score  # lazily: reading the metric list must stay light
+
     pixels = _SortedPixels(masks_b, maps_f, with_regions=True)
     return {
         "image_auroc": float(roc_auc_score(labels_b, scores_f)),

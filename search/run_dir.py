@@ -26,7 +26,7 @@ from typing import Any, Iterable, Mapping
 import pandas as pd
 
 from anoseg.errors import AnosegError
-from anoseg.trial import COST_KEYS, METRIC_KEYS
+from anoseg.metrics import CATEGORY_METRICS, MEMORY_METRICS
 
 RUN_FILE = "run.json"
 SPACE_FILE = "space.yaml"
@@ -41,8 +41,8 @@ STUDY_FILE = "optuna.db"
 RUNNING, COMPLETED, STOPPED, FAILED, ERROR = "running", "completed", "stopped", "failed", "error"
 LOST = "lost"  # started after Tune's last saved state when the driver died: Tune re-samples it on resume
 FINISHED = (COMPLETED, STOPPED, FAILED, ERROR)
-REPORT_KEYS = (*METRIC_KEYS, *COST_KEYS, "peak_rss_mb", "peak_gpu_mb")
-CATEGORY_KEYS = (*METRIC_KEYS, *COST_KEYS)
+REPORT_KEYS = (*CATEGORY_METRICS, *MEMORY_METRICS)
+CATEGORY_KEYS = CATEGORY_METRICS
 
 
 class RunError(AnosegError):
@@ -185,7 +185,7 @@ def collate(records: Iterable[Mapping[str, Any]], meta: Mapping[str, Any]) -> pd
         row.update({f"param.{k}": v for k, v in sorted(rec.get("params", {}).items())})
         row.update({k: rec.get("metrics", {}).get(k) for k in REPORT_KEYS})
         for cat in categories:
-            for key in (*METRIC_KEYS, *COST_KEYS):
+            for key in CATEGORY_METRICS:
                 row[f"{cat}/{key}"] = rec.get("per_category", {}).get(cat, {}).get(key)
         rows.append(row)
     columns = ["trial_id", "status", "stop_reason", "error", "categories_done", "fidelity", "started", "ended", "wall_seconds",
