@@ -15,27 +15,24 @@ from typing import Any, Sequence
 
 from anoseg.errors import AnosegError, ConfigError, DataError
 
-TABLE_COLUMNS = (  # (result key, header, number format)
-    ("image_auroc", "img AUROC", ".3f"),
-    ("pixel_auroc", "px AUROC", ".3f"),
-    ("aupro", "AUPRO@0.3", ".3f"),
-    ("pixel_f1_max", "px F1max", ".3f"),
-    ("fit_seconds", "fit s", ".2f"),
-    ("ms_per_image", "ms/img", ".1f"),
-)
+#: The columns of the evaluate / fit table (headers from anoseg.metrics): (metric, number format).
+TABLE_COLUMNS = (("image_auroc", ".3f"), ("pixel_auroc", ".3f"), ("aupro", ".3f"), ("pixel_f1_max", ".3f"),
+                 ("fit_seconds", ".2f"), ("ms_per_image", ".1f"))
 
 
 def format_table(per_category: dict[str, dict[str, float]], mean: dict[str, float]) -> str:
     """A fixed-width table: one row per category plus the mean row."""
+    from anoseg.metrics import metric
+
     width = max(8, *(len(c) for c in per_category))
-    header = f"{'category':<{width}}  " + "  ".join(f"{title:>9}" for _, title, _ in TABLE_COLUMNS)
+    header = f"{'category':<{width}}  " + "  ".join(f"{metric(key).label:>9}" for key, _ in TABLE_COLUMNS)
     rule = "-" * len(header)
     rows = [header, rule]
     for name, metrics in [*per_category.items(), (None, None), ("mean", mean)]:
         if name is None:
             rows.append(rule)
             continue
-        cells = [f"{'-':>9}" if metrics.get(key) is None else f"{metrics[key]:>9{fmt}}" for key, _, fmt in TABLE_COLUMNS]
+        cells = [f"{'-':>9}" if metrics.get(key) is None else f"{metrics[key]:>9{fmt}}" for key, fmt in TABLE_COLUMNS]
         rows.append(f"{name:<{width}}  " + "  ".join(cells))
     return "\n".join(rows)
 
@@ -87,8 +84,9 @@ def _with_device(cfg: Any, device: str | None, source: str) -> Any:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from anoseg.data import resolve_categories
-    from anoseg.model import read_exported
-    from anoseg.trial import mean_metrics, run_trial
+    from anoseg.exported import read_exported
+    from anoseg.result import EPOCHS_UNIT, TrialReport, mean_metrics
+    from anoseg.trial import run_trial
 
     exported = read_exported(args.config)  # a plain configuration or an `anoseg export` file
     if exported.kind == "per_category":  # each category with its own configuration
@@ -107,19 +105,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     done = [0]
 
-    def progress(metrics: dict[str, Any], step: int) -> None:
-        if metrics.get("fidelity_unit") == "epochs":  # a trainable head: every category after each epoch
-            print(f"[epoch {step}/{metrics['fidelity_total']}] loss {metrics['loss']:.4f}, mean image AUROC "
-                  f"{metrics['image_auroc']:.3f}, pixel AUROC {metrics['pixel_auroc']:.3f}, AUPRO {metrics['aupro']:.3f}",
+    def progress(report: TrialReport) -> None:
+        mean = report.mean
+        if report.fidelity_unit == EPOCHS_UNIT:  # a trainable head: every category after each epoch
+            print(f"[epoch {report.fidelity}/{report.fidelity_total}] loss {report.loss:.4f}, mean image AUROC "
+                  f"{mean['image_auroc']:.3f}, pixel AUROC {mean['pixel_auroc']:.3f}, AUPRO {mean['aupro']:.3f}",
                   file=sys.stderr, flush=True)
             return
-        cat = metrics["category"]
         done[0] += 1
-        print(
-            f"[{done[0]}/{len(categories)}] {cat}: image AUROC {metrics[f'{cat}/image_auroc']:.3f}, "
-            f"pixel AUROC {metrics[f'{cat}/pixel_auroc']:.3f}, AUPRO {metrics[f'{cat}/aupro']:.3f}",
-            file=sys.stderr, flush=True,
-        )
+        m = report.per_category[report.category]
+        print(f"[{done[0]}/{len(categories)}] {report.category}: image AUROC {m['image_auroc']:.3f}, "
+              f"pixel AUROC {m['pixel_auroc']:.3f}, AUPRO {m['aupro']:.3f}", file=sys.stderr, flush=True)
 
     from anoseg.cache import FeatureCache
 
@@ -127,19 +123,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     first = next(iter(configs.values()))
     if all(c == first for c in configs.values()):  # one configuration: one backbone for every category
         cfg = first
-        result = run_trial(cfg, args.data, categories, report=progress, cache=cache)
-        print(f"backbone {cfg.backbone.name} ({result['weights']}), layers {', '.join(cfg.layers)}, "
+        trial = run_trial(cfg, args.data, categories, report=progress, cache=cache)
+        result = trial.to_dict()
+        print(f"backbone {cfg.backbone.name} ({trial.weights}), layers {', '.join(cfg.layers)}, "
               f"head {cfg.head_name}, image size {cfg.image_size}")
     else:
         parts = {c: run_trial(configs[c], args.data, [c], report=progress, cache=cache) for c in categories}
-        per_category = {c: r["categories"][c] for c, r in parts.items()}
+        per_category = {c: r.per_category[c] for c, r in parts.items()}
         result = {
             "config": {c: configs[c].to_dict() for c in categories},
-            "weights": {c: r["weights"] for c, r in parts.items()},
-            "pretrained": {c: r["pretrained"] for c, r in parts.items()},
+            "weights": {c: r.weights for c, r in parts.items()},
+            "pretrained": {c: r.pretrained for c, r in parts.items()},
             "categories": per_category,
             "mean": mean_metrics(per_category),
-            "peak_memory": parts[categories[-1]]["peak_memory"],
+            "peak_memory": parts[categories[-1]].report.memory,
         }
         for c in categories:
             cfg = configs[c]
@@ -158,7 +155,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from anoseg.model import fit_model, read_exported
+    from anoseg.exported import read_exported
+    from anoseg.model import fit_model
 
     cfg = read_exported(args.config).select(category=args.category, trial=args.trial)
     out = Path(args.out) if args.out else Path("models") / args.category
@@ -181,7 +179,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def _collect_images(inputs: Sequence[str]) -> list[Path]:
     """Files as given; folders contribute their image files, recursively (skipping *_mask files)."""
-    from anoseg.data.mvtec import IMAGE_SUFFIXES
+    from anoseg.data import IMAGE_SUFFIXES
 
     files: list[Path] = []
     for item in map(Path, inputs):
@@ -221,12 +219,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from anoseg.metrics import aupro, evaluate, f1_max, pixel_auroc
-    from anoseg.model import find_mask, load_model, overlay, read_images, read_mask
+    from anoseg.data import find_mask, read_images, read_mask
+    from anoseg.model import load_model
+    from anoseg.overlays import overlay
 
     model = load_model(args.model, device=args.device)
     files = _collect_images(args.images)
     size = model.image_size
-    images, ok, errors = read_images(files, size, skip_unreadable=True)
+    images, ok, errors = read_images(files, size)
     for path, message in errors.items():
         print(f"anoseg: warning: {message} (skipped)", file=sys.stderr)
     if not ok:
@@ -238,7 +238,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if not masks_dir.is_dir():
             raise DataError(f"--masks {masks_dir} is not a folder")
         mask_files = [find_mask(p, masks_dir) for p in ok]
-        masks = torch.stack([torch.zeros(size, size, dtype=torch.bool) if m is None else read_mask(m, size)
+        masks = torch.stack([torch.zeros(size, size, dtype=torch.bool) if m is None else torch.from_numpy(read_mask(m, size))
                              for m in mask_files])
     maps, scores = model.predict(images, batch_size=args.batch_size)
     verdicts = model.verdicts(scores)
@@ -313,8 +313,8 @@ def _check_images(model: Any, count: int = 4) -> tuple[Any, str]:
     """Up to `count` test images of the model's own category when its data are here, else seeded noise."""
     import torch
 
-    from anoseg.data.mvtec import IMAGE_SUFFIXES
-    from anoseg.model import read_images
+    from anoseg.data import IMAGE_SUFFIXES
+    from anoseg.data import read_images
 
     data = model.info.get("data") or {}
     test_dir = Path(str(data.get("root", ""))) / str(data.get("category", "")) / "test"
@@ -324,7 +324,7 @@ def _check_images(model: Any, count: int = 4) -> tuple[Any, str]:
             files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             firsts.extend(files[:1])
         if firsts:
-            images, ok, _ = read_images(firsts[:count], model.image_size, skip_unreadable=True)
+            images, ok, _ = read_images(firsts[:count], model.image_size)
             if ok:
                 return images, f"{len(ok)} test images of {data.get('category')}"
     s = model.image_size

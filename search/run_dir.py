@@ -15,9 +15,6 @@ Nothing here imports Ray: records are plain JSON written by the driver.
 from __future__ import annotations
 
 import json
-import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +23,9 @@ from typing import Any, Iterable, Mapping
 import pandas as pd
 
 from anoseg.errors import AnosegError
+from anoseg.files import write_atomic, write_json_atomic
 from anoseg.metrics import CATEGORY_METRICS, MEMORY_METRICS
+from anoseg.result import TrialReport
 
 RUN_FILE = "run.json"
 SPACE_FILE = "space.yaml"
@@ -42,30 +41,10 @@ RUNNING, COMPLETED, STOPPED, FAILED, ERROR = "running", "completed", "stopped", 
 LOST = "lost"  # started after Tune's last saved state when the driver died: Tune re-samples it on resume
 FINISHED = (COMPLETED, STOPPED, FAILED, ERROR)
 REPORT_KEYS = (*CATEGORY_METRICS, *MEMORY_METRICS)
-CATEGORY_KEYS = CATEGORY_METRICS
 
 
 class RunError(AnosegError):
     """A run folder is missing, incomplete or not a search run."""
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON so a reader (or a crash) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(payload, fh, indent=2, default=_json_default)
-    os.replace(tmp, path)
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "item"):  # numpy / torch scalars
-        return value.item()
-    return str(value)
-
-
-def _finite(value: Any) -> Any:
-    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 @dataclass
@@ -123,28 +102,21 @@ class RunDir:
         return record
 
     def record_result(self, trial_id: str, params: Mapping[str, Any], result: Mapping[str, Any]) -> dict[str, Any]:
-        """Fold one reported result (a finished category, or an epoch of every category) into the record.
-
-        `step` is the trial's fidelity (categories or epochs done), out of `fidelity_total`."""
+        """Fold one reported result (Ray Tune's flat dict: a finished category, or an epoch of every category)
+        into the record. `step` is the trial's fidelity (categories or epochs done), out of `fidelity_total`."""
         record = self.read_record(trial_id) or {}
-        per_category = dict(record.get("per_category", {}))
-        for key, value in result.items():
-            category, _, metric = key.rpartition("/")
-            if category and metric in CATEGORY_KEYS and not category.startswith("config"):
-                per_category.setdefault(category, {})[metric] = _finite(value)
-        step = result.get("fidelity", result.get("categories_done"))
+        report = TrialReport.from_flat(result)
         changes: dict[str, Any] = {
             "params": dict(params),
-            "per_category": per_category,
-            "metrics": {k: _finite(result[k]) for k in REPORT_KEYS if k in result},
-            "step": int(step or record.get("step") or 0),
-            "categories_done": int(result.get("categories_done") or record.get("categories_done") or 0),
+            "per_category": {**record.get("per_category", {}), **report.per_category},
+            "metrics": {**report.mean, **report.memory},
+            "step": report.fidelity or int(record.get("step") or 0),
+            "categories_done": max(report.categories_done, int(record.get("categories_done") or 0)),
         }
-        for key in ("fidelity_total", "fidelity_unit"):
-            if result.get(key):
-                changes[key] = result[key]
-        if result.get("resumed_from"):  # a trainable head's trial continued from its checkpoint
-            changes["resumed_from_epoch"] = int(result["resumed_from"])
+        if report.fidelity_total:
+            changes.update(fidelity_total=report.fidelity_total, fidelity_unit=report.fidelity_unit)
+        if report.resumed_from:  # a trainable head's trial continued from its checkpoint
+            changes["resumed_from_epoch"] = report.resumed_from
         if result.get("trial_error"):
             changes.update(status=FAILED, error=result["trial_error"], stop_reason="raised an error", ended=time.time())
         if result.get("trial_config"):
@@ -158,10 +130,8 @@ class RunDir:
     def write_table(self) -> pd.DataFrame:
         """Collate every record into trials.parquet and trials.csv (atomic replace)."""
         df = self.table()
-        for name, writer in ((TABLE_FILE, lambda p: df.to_parquet(p, index=False)), (CSV_FILE, lambda p: df.to_csv(p, index=False))):
-            tmp = self.path / f".{name}.tmp"
-            writer(tmp)
-            os.replace(tmp, self.path / name)
+        write_atomic(self.path / TABLE_FILE, lambda tmp: df.to_parquet(tmp, index=False), by_name=True)
+        write_atomic(self.path / CSV_FILE, lambda tmp: df.to_csv(tmp, index=False), by_name=True)
         return df
 
 
@@ -200,3 +170,11 @@ def best_trial(df: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
     if done.empty:
         return None
     return done.loc[done[metric].idxmax() if mode == "max" else done[metric].idxmin()]
+
+
+def record_report(record: Mapping[str, Any]) -> TrialReport:
+    """The last report a trial record holds, typed (to re-report a trial finished before a driver crash)."""
+    step = int(record.get("step") or 0)
+    memory = {k: v for k, v in (record.get("metrics") or {}).items() if k in MEMORY_METRICS}
+    return TrialReport(dict(record.get("per_category") or {}), step, int(record.get("fidelity_total") or step),
+                       record.get("fidelity_unit") or "categories", memory)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 import traceback
 import warnings
@@ -33,7 +32,10 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from search.run_dir import COMPLETED, ERROR, FAILED, FINISHED, LOST, RUNNING, STOPPED, RunDir, best_trial
+from anoseg.files import write_atomic
+from anoseg.result import TrialReport
+from search.run_dir import COMPLETED, ERROR, FAILED, FINISHED, LOST, RUNNING, STOPPED, RunDir, best_trial, \
+    record_report
 from search.space import SearchSpace, define_by_run, describe, make_sampler, trial_config
 
 logger = logging.getLogger(__name__)
@@ -53,9 +55,9 @@ def run_trainable(params: dict[str, Any], *, space: SearchSpace, data_root: str,
 
     state: dict[str, Any] = {"in_report": False, "done": 0, "config": ""}
 
-    def report(metrics: Mapping[str, Any], step: int) -> None:
-        state["in_report"], state["done"] = True, step
-        tune.report({**metrics, "trial_error": "", "trial_config": state["config"]})
+    def report(trial_report: TrialReport) -> None:
+        state["in_report"], state["done"] = True, trial_report.fidelity
+        tune.report({**trial_report.to_flat(), "trial_error": "", "trial_config": state["config"]})
         state["in_report"] = False
 
     checkpoint_path = RunDir(Path(run_path)).checkpoint_path(tune.get_context().get_trial_id())
@@ -77,15 +79,7 @@ def save_checkpoint(path: Path, trial_state: Mapping[str, Any]) -> None:
     """Write a trainable head's trial state atomically (a crash never leaves half a file)."""
     import torch
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        torch.save(dict(trial_state), tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(path, lambda tmp: torch.save(dict(trial_state), tmp), by_name=True)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any] | None:
@@ -117,11 +111,7 @@ def replay(record: Mapping[str, Any], space: SearchSpace) -> None:
     config = json.dumps(record.get("config", {}))
     if record.get("status") == FAILED:
         return report_failure(space, record.get("error", ""), "", int(record.get("step") or 0), config, replayed=True)
-    own = {f"{c}/{k}": v for c, metrics in record.get("per_category", {}).items() for k, v in metrics.items()}
-    tune.report({**record.get("metrics", {}), **own, "categories_done": record.get("categories_done", 0),
-                 "fidelity": int(record.get("step") or 0), "fidelity_total": record.get("fidelity_total"),
-                 "fidelity_unit": record.get("fidelity_unit"), "trial_error": "", "trial_config": config,
-                 "replayed": True})
+    tune.report({**record_report(record).to_flat(), "trial_error": "", "trial_config": config, "replayed": True})
 
 
 def finished_all(result: Mapping[str, Any]) -> bool:

@@ -44,7 +44,7 @@ def measure(data_root: Path) -> dict[str, Any]:
         test = load_test(data_root, CATEGORIES[0], cfg["image_size"])
         maps, scores = model.predict(test.images)
         out[name] = {
-            "trial": {c: {k: m[k] for k in QUALITY} for c, m in result["categories"].items()},
+            "trial": {c: {k: m[k] for k in QUALITY} for c, m in result.per_category.items()},
             "fit": {k: model.metrics[k] for k in QUALITY},
             "predict": {"scores": [float(s) for s in scores], "map_sum": float(maps.double().sum())},
         }

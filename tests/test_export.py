@@ -12,7 +12,7 @@ import yaml
 
 from anoseg.cli import main
 from anoseg.config import TrialConfig
-from anoseg.model import load_exported, read_exported
+from anoseg.exported import load_exported, read_exported
 from search.export import export_run, pareto_records
 from search.run_dir import RunDir
 from tests.search_helpers import TINY_SPACE

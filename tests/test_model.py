@@ -14,15 +14,9 @@ from PIL import Image
 from anoseg.cli import main
 from anoseg.data import load_test
 from anoseg.errors import DataError
-from anoseg.model import (
-    MODEL_FILE,
-    WEIGHTS_FILE,
-    FittedModel,
-    ModelError,
-    f1_max_threshold,
-    fit_model,
-    load_model,
-)
+from anoseg.model import FittedModel, fit_model, load_model
+from anoseg.model_folder import MODEL_FILE, WEIGHTS_FILE, ModelError
+from anoseg.thresholds import f1_max_threshold
 from anoseg.trial import run_trial
 
 BASE = {"backbone": {"name": "resnet18", "weights": "none"}, "layers": ["layer1", "layer2"], "image_size": 64,
@@ -90,7 +84,7 @@ def test_model_folder_format(fitted, synthetic_root, head):
     assert b"\x80\x04" not in raw[:8 + n]  # no pickle protocol marker in the header
     # the metrics are those of the search's trial on that category (cost aside; trials may compute
     # with float16-cached features, hence not bit-exact)
-    trial = run_trial({**BASE, "head": HEADS[head]}, synthetic_root, ["brick"])["categories"]["brick"]
+    trial = run_trial({**BASE, "head": HEADS[head]}, synthetic_root, ["brick"]).per_category["brick"]
     for key in ("image_auroc", "pixel_auroc", "aupro", "pixel_f1_max", "image_f1_max"):
         assert info["metrics"][key] == pytest.approx(trial[key], abs=2e-3)
 

@@ -27,7 +27,7 @@ def test_lite0_offline_reaches_the_bar(textures, layers, head):
     cfg = {"backbone": {"name": "tf_efficientnet_lite0", "weights": "offline"}, "layers": layers,
            "image_size": 128, "head": head}
     result = run_trial(cfg, textures)
-    assert result["pretrained"] is True
-    assert set(result["categories"]) == set(TEXTURES)
-    assert result["mean"]["image_auroc"] >= 0.90, result["categories"]
-    assert result["mean"]["pixel_auroc"] >= 0.90, result["categories"]
+    assert result.pretrained is True
+    assert set(result.per_category) == set(TEXTURES)
+    assert result.mean["image_auroc"] >= 0.90, result.per_category
+    assert result.mean["pixel_auroc"] >= 0.90, result.per_category

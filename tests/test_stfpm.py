@@ -9,7 +9,8 @@ import torch
 
 from anoseg.errors import ConfigError
 from anoseg.heads import create_head
-from anoseg.trial import METRIC_KEYS, run_trial
+from anoseg.metrics import QUALITY_METRICS as METRIC_KEYS
+from anoseg.trial import run_trial
 
 CATEGORIES = ["brick", "washer"]
 
@@ -22,7 +23,7 @@ def stfpm_config(**head) -> dict:
 
 def run(synthetic_root, config, **kwargs):
     reports, states = [], []
-    result = run_trial(config, synthetic_root, CATEGORIES, lambda m, s: reports.append((m, s)),
+    result = run_trial(config, synthetic_root, CATEGORIES, lambda r: reports.append((r.to_flat(), r.fidelity)),
                        checkpoint=lambda state: states.append(copy.deepcopy(state)), **kwargs)
     return result, reports, states
 
@@ -38,7 +39,7 @@ def test_reports_every_epoch_with_every_category(synthetic_root):
     for cat in CATEGORIES:  # fit time counts every epoch trained so far
         assert reports[1][0][f"{cat}/fit_seconds"] > reports[0][0][f"{cat}/fit_seconds"]
     assert [s["epoch"] for s in states] == [1, 2]
-    assert set(result["categories"]) == set(CATEGORIES)
+    assert set(result.per_category) == set(CATEGORIES)
 
 
 def test_resume_continues_from_the_checkpoint_and_matches_an_uninterrupted_trial(synthetic_root):
@@ -53,7 +54,7 @@ def test_resume_continues_from_the_checkpoint_and_matches_an_uninterrupted_trial
     assert all(m["resumed_from"] == 1 for m, _ in reports)
     for cat in CATEGORIES:
         for key in METRIC_KEYS:
-            assert resumed["categories"][cat][key] == pytest.approx(full["categories"][cat][key], abs=1e-6)
+            assert resumed.per_category[cat][key] == pytest.approx(full.per_category[cat][key], abs=1e-6)
 
 
 def test_resume_rejects_a_checkpoint_of_another_trial(synthetic_root):

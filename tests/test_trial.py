@@ -5,7 +5,8 @@ import math
 import pytest
 
 from anoseg.errors import DataError
-from anoseg.trial import METRIC_KEYS, run_trial
+from anoseg.metrics import QUALITY_METRICS as METRIC_KEYS
+from anoseg.trial import run_trial
 
 RANDOM_INIT = {
     "backbone": {"name": "resnet18", "weights": "none"},
@@ -17,27 +18,27 @@ RANDOM_INIT = {
 
 def test_run_trial_reports_after_every_category(synthetic_root):
     calls = []
-    result = run_trial(RANDOM_INIT, synthetic_root, ["brick", "washer"], report=lambda m, s: calls.append((dict(m), s)))
+    result = run_trial(RANDOM_INIT, synthetic_root, ["brick", "washer"], report=lambda r: calls.append((r.to_flat(), r.fidelity)))
     assert [s for _, s in calls] == [1, 2]
     assert calls[0][0]["category"] == "brick" and "brick/aupro" in calls[0][0]
     assert calls[1][0]["categories_done"] == 2
-    assert list(result["categories"]) == ["brick", "washer"]
-    assert result["pretrained"] is False and "random" in result["weights"]
-    for metrics in result["categories"].values():
+    assert list(result.per_category) == ["brick", "washer"]
+    assert result.pretrained is False and "random" in result.weights
+    for metrics in result.per_category.values():
         for key in METRIC_KEYS:
             assert 0.0 <= metrics[key] <= 1.0
         assert metrics["fit_seconds"] > 0 and metrics["ms_per_image"] > 0
     # the last report's running means are the final means
-    assert math.isclose(calls[-1][0]["aupro"], result["mean"]["aupro"])
-    assert math.isclose(result["mean"]["aupro"], sum(m["aupro"] for m in result["categories"].values()) / 2)
-    assert result["peak_memory"]["peak_rss_mb"] > 0
+    assert math.isclose(calls[-1][0]["aupro"], result.mean["aupro"])
+    assert math.isclose(result.mean["aupro"], sum(m["aupro"] for m in result.per_category.values()) / 2)
+    assert result.report.memory["peak_rss_mb"] > 0
 
 
 def test_run_trial_patchcore_is_deterministic(synthetic_root):
     cfg = {**RANDOM_INIT, "head": {"name": "patchcore", "coreset_ratio": 0.05}}
     first = run_trial(cfg, synthetic_root, ["grass"])
     second = run_trial(cfg, synthetic_root, ["grass"])
-    assert first["categories"]["grass"]["aupro"] == second["categories"]["grass"]["aupro"]
+    assert first.per_category["grass"]["aupro"] == second.per_category["grass"]["aupro"]
 
 
 def test_run_trial_unknown_category_fails_before_work(synthetic_root):

@@ -13,22 +13,20 @@ resized with nearest neighbour. Normalisation belongs to the backbone.
 from __future__ import annotations
 
 import hashlib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
+from anoseg.data.images import IMAGE_SUFFIXES, load_images, read_mask
 from anoseg.errors import DataError
 
 MVTEC_CATEGORIES = (
     "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
     "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
 )
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 GOOD = "good"
 
 
@@ -76,41 +74,6 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def _open(path: Path, mode: str) -> Image.Image:
-    try:
-        with Image.open(path) as img:
-            return img.convert(mode)
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"cannot read image {path}: {exc}") from None
-
-
-def _read_image(path: Path, size: int) -> np.ndarray:
-    img = _open(path, "RGB").resize((size, size), Image.BILINEAR)
-    return np.asarray(img, dtype=np.uint8)
-
-
-def _read_mask(path: Path, image_path: Path, size: int) -> np.ndarray:
-    mask = _open(path, "L")
-    with Image.open(image_path) as img:
-        if img.size != mask.size:
-            raise DataError(f"mask {path} is {mask.size[0]}x{mask.size[1]} but its image {image_path} is {img.size[0]}x{img.size[1]}")
-    return np.asarray(mask.resize((size, size), Image.NEAREST)) > 0
-
-
-def _to_tensor(arrays: list[np.ndarray]) -> torch.Tensor:
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
-
-
-def load_images(paths: list[Path], size: int) -> torch.Tensor:
-    """Read images as (N, 3, size, size) float in [0, 1] (grayscale becomes RGB), decoding in threads."""
-    return _read_all(paths, size)
-
-
-def _read_all(paths: list[Path], size: int) -> torch.Tensor:
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        return _to_tensor(list(pool.map(lambda p: _read_image(p, size), paths)))
-
-
 def _category_dir(root: str | Path, category: str) -> Path:
     folder = _root(root) / category
     if not folder.is_dir():
@@ -126,7 +89,7 @@ def load_train(root: str | Path, category: str, size: int) -> torch.Tensor:
     paths = _image_files(folder)
     if not paths:
         raise DataError(f"the training set {folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
-    return _read_all(paths, size)
+    return load_images(paths, size)
 
 
 def load_test(root: str | Path, category: str, size: int, with_images: bool = True) -> TestSplit:
@@ -154,9 +117,9 @@ def load_test(root: str | Path, category: str, size: int, with_images: bool = Tr
             mask_paths.append(mask_path)
     if not paths:
         raise DataError(f"the test set {test_dir} has no images")
-    images = _read_all(paths, size) if with_images else None
+    images = load_images(paths, size) if with_images else None
     masks = np.stack([
-        np.zeros((size, size), bool) if m is None else _read_mask(m, p, size)
+        np.zeros((size, size), bool) if m is None else read_mask(m, size, image_path=p)
         for m, p in zip(mask_paths, paths)
     ])
     labels = np.array([int(d != GOOD) for d in defect_types])

@@ -1,0 +1,303 @@
+"""The one fit -> score path: a feature source (frozen backbone + feature cache + timing) and a head.
+
+Every caller goes through here: a search trial (:mod:`anoseg.trial`), ``fit`` and ``predict``
+(:mod:`anoseg.model`), the ONNX graph (its post-processing) and the benchmarks.
+
+- :class:`FeatureSource`: the backbone's selected layer maps of images, streamed a batch at a time
+  (``fit`` / ``predict``: float32, never stored), or of a whole dataset split through the feature
+  cache (trials: fp16, images decoded only on a miss, the extraction time kept with the entry so
+  costs do not depend on cache state).
+- A feature head is fitted on batches of layer maps (:func:`fit_feature_head`); a trainable head
+  (STFPM) is trained epoch by epoch on a category's cached maps (:func:`load_category`,
+  :func:`train_epoch`, :func:`train_head`).
+- :func:`score_batch` scores one batch: the head's patch maps, upsampled and smoothed
+  (:func:`anomaly_maps`), and image scores (the head's own, else the map maximum).
+
+Costs: ``fit_seconds`` = backbone forward over the training images + head fit (+ training epochs);
+``ms_per_image`` = backbone forward + scoring + map post-processing per test image. Image decoding
+is not counted.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from anoseg.cache import CacheKey, FeatureCache, cached_layer_maps
+from anoseg.config import TrialConfig
+from anoseg.data import category_fingerprint, load_images, load_test, load_train
+from anoseg.data.mvtec import TestSplit
+from anoseg.features import combine_layers, extract_layers, iter_layer_maps, layer_map_batches, synchronize, \
+    total_channels
+from anoseg.heads import AnyHead, Head, TrainableHead
+from anoseg.metrics import evaluate
+
+MAP_SIGMA = 4.0
+LayerMaps = Mapping[str, torch.Tensor]
+Progress = Callable[[str], None]
+
+
+# --------------------------------------------------------------------------- post-processing
+
+
+def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur of (N, 1, H, W) maps, kernel 2*round(4 sigma)+1, reflected border.
+
+    The same as torchvision's `gaussian_blur` with that kernel, as two 1-D passes: 2k instead of
+    k^2 multiply-adds per pixel (k = 33 at sigma 4).
+    """
+    radius = int(4.0 * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    padded = F.pad(maps, (radius, radius, radius, radius), mode="reflect")
+    rows = F.conv2d(padded, kernel.view(1, 1, 1, -1))
+    return F.conv2d(rows, kernel.view(1, 1, -1, 1))
+
+
+def anomaly_maps(patch_maps: torch.Tensor, size: int, sigma: float = MAP_SIGMA) -> torch.Tensor:
+    """Upsample patch maps (N, h, w) bilinearly to `size` x `size` and smooth with a Gaussian (sigma 4)."""
+    maps = F.interpolate(patch_maps[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)
+    return gaussian_smooth(maps, sigma)[:, 0] if sigma > 0 else maps[:, 0]
+
+
+# --------------------------------------------------------------------------- a head on layer maps
+
+
+def head_features(head: Head, layer_maps: LayerMaps, layers: Sequence[str]) -> torch.Tensor:
+    """What a feature head fits on and scores: `layers` combined on one grid (float32), averaged over
+    its patch size, only the channels it reads."""
+    return combine_layers(layer_maps, layers, head.patch_size, head.input_channels(total_channels(layer_maps, layers)))
+
+
+def fit_feature_head(head: Head, batches: Iterable[LayerMaps], layers: Sequence[str],
+                     device: torch.device | str | None = None) -> Head:
+    """Fit a feature head on batches of layer maps ({layer: (n, C, h, w)}), each turned into head
+    features (on `device`, default where the maps are) only when the head asks for it."""
+    return head.fit_batches(head_features(head, maps, layers).to(device or next(iter(maps.values())).device)
+                            for maps in batches)
+
+
+def patch_scores(head: AnyHead, layer_maps: LayerMaps, layers: Sequence[str], images: torch.Tensor | None = None,
+                 device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The head's patch maps (N, h, w) and own image scores (or None) for one batch; see score_batch."""
+    if head.trainable:
+        if images is None:
+            raise ValueError(f"head {head.name!r} scores images: pass them too")
+        return head.score_images(images, layer_maps)
+    features = head_features(head, layer_maps, layers)
+    return head.score(features if device is None else features.to(device))
+
+
+def score_batch(head: AnyHead, layer_maps: LayerMaps, layers: Sequence[str], size: int,
+                images: torch.Tensor | None = None, device: torch.device | str | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score one batch: anomaly maps (N, size, size) and image scores (the head's own, else the map maximum).
+
+    A feature head scores the selected layers combined on one grid; a trainable head scores the
+    images (N, 3, S, S) against the backbone's maps. `device`: where a feature head scores (default:
+    where the maps are).
+    """
+    patch_maps, image_scores = patch_scores(head, layer_maps, layers, images, device)
+    maps = anomaly_maps(patch_maps, size)
+    return maps, maps.amax(dim=(1, 2)) if image_scores is None else image_scores
+
+
+def score_batches(head: AnyHead, batches: Iterable[tuple[LayerMaps, torch.Tensor | None]], cfg: TrialConfig,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Score (layer maps, images or None) batches: maps and scores on the CPU, and the seconds it took."""
+    synchronize(device)
+    start = time.perf_counter()
+    maps_out, scores_out = [], []
+    for layer_maps, images in batches:
+        maps, scores = score_batch(head, layer_maps, cfg.layers, cfg.image_size, images=images, device=device)
+        maps_out.append(maps.float().cpu())
+        scores_out.append(scores.float().cpu())
+    synchronize(device)
+    return torch.cat(maps_out), torch.cat(scores_out), time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------- where layer maps come from
+
+
+@dataclass
+class SplitMaps:
+    """A dataset split's layer maps (fp16, memory-mapped on a cache hit) and their extraction cost."""
+
+    maps: dict[str, torch.Tensor]
+    seconds_per_image: float
+
+    def __len__(self) -> int:
+        return len(next(iter(self.maps.values())))
+
+    def batches(self, batch_size: int, index: torch.Tensor | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        maps = self.maps if index is None else {layer: m[index] for layer, m in self.maps.items()}
+        return layer_map_batches(maps, batch_size)
+
+
+class FeatureSource:
+    """A frozen backbone's selected layers for one trial configuration, optionally through the feature cache."""
+
+    def __init__(self, backbone: torch.nn.Module, cfg: TrialConfig, device: torch.device,
+                 cache: FeatureCache | None = None) -> None:
+        self.backbone, self.cfg, self.device = backbone, cfg, device
+        self.cache = cache or FeatureCache(None)
+
+    def stream(self, images: torch.Tensor, batch_size: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """The layer maps of images (N, 3, S, S) in [0, 1], float32 on the device, a batch at a time."""
+        return iter_layer_maps(self.backbone, images, batch_size or self.cfg.batch_size, self.device)
+
+    def keys(self, data_root: str | Path, category: str, split: str) -> dict[str, CacheKey]:
+        """{layer: the cache key of that layer's maps of `category`'s `split`}."""
+        fingerprint = category_fingerprint(data_root, category) if self.cache.enabled else ""
+        bb, cfg = self.backbone, self.cfg
+        weights_id = bb.weights if bb.pretrained else f"{bb.weights} seed={cfg.seed}"
+        return {layer: CacheKey(cfg.backbone.name, weights_id, layer, cfg.image_size, category, split, fingerprint)
+                for layer in cfg.layers}
+
+    def split(self, data_root: str | Path, category: str, split: str,
+              load: Callable[[], torch.Tensor]) -> SplitMaps:
+        """The split's layer maps from the cache, or computed from `load()` (images decoded only then)."""
+
+        def compute(layers: list[str]) -> tuple[dict[str, torch.Tensor], float]:
+            images = load()
+            synchronize(self.device)
+            start = time.perf_counter()
+            maps = extract_layers(self.backbone, images, self.cfg.batch_size, self.device)
+            synchronize(self.device)
+            return {layer: maps[layer] for layer in layers}, (time.perf_counter() - start) / len(images)
+
+        maps, seconds = cached_layer_maps(self.cache, self.keys(data_root, category, split), compute)
+        return SplitMaps(maps, seconds)
+
+
+# --------------------------------------------------------------------------- feature heads
+
+
+def evaluate_category(head: Head, source: FeatureSource, data_root: str | Path, category: str) -> dict[str, float]:
+    """Fit a feature head on one category's training images and evaluate it on its test images."""
+    cfg, device = source.cfg, source.device
+    train = source.split(data_root, category, "train", lambda: load_train(data_root, category, cfg.image_size))
+    synchronize(device)
+    start = time.perf_counter()
+    fit_feature_head(head, train.batches(cfg.batch_size), cfg.layers, device)
+    synchronize(device)
+    fit_seconds = train.seconds_per_image * len(train) + time.perf_counter() - start
+    del train
+
+    test = load_test(data_root, category, cfg.image_size, with_images=False)
+    test_maps = source.split(data_root, category, "test", lambda: load_images(test.paths, cfg.image_size))
+    maps, scores, seconds = score_batches(head, ((b, None) for b in test_maps.batches(cfg.batch_size)), cfg, device)
+    ms_per_image = (test_maps.seconds_per_image + seconds / len(test.paths)) * 1000
+    metrics = evaluate(maps, scores, test.masks, test.labels)
+    return {**metrics, "fit_seconds": round(fit_seconds, 4), "ms_per_image": round(ms_per_image, 3)}
+
+
+# --------------------------------------------------------------------------- trainable heads
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] float images -> uint8 (exact for images decoded from 8-bit files)."""
+    return (images * 255).round_().to(torch.uint8)
+
+
+@dataclass
+class CategoryData:
+    """One category's images (8-bit), the cached backbone maps of them, and the hold-out split."""
+
+    name: str
+    train_images: torch.Tensor  # (N, 3, S, S) uint8, all training images
+    train_index: torch.Tensor  # the ones the head trains on
+    holdout_index: torch.Tensor  # the ones it calibrates on (may be empty)
+    test: TestSplit
+    test_images: torch.Tensor
+    train_maps: Callable[[], SplitMaps]  # read back from the cache for each turn
+    test_maps: Callable[[], SplitMaps]
+    train_seconds_per_image: float  # backbone forward pass, as measured when the maps were cached
+    test_seconds_per_image: float
+
+
+def load_category(source: FeatureSource, data_root: str | Path, category: str,
+                  holdout: Callable[[int], int]) -> CategoryData:
+    """Read a category's images, make sure the backbone's maps of them are cached, split off the hold-out."""
+    cfg = source.cfg
+    train = load_train(data_root, category, cfg.image_size)
+    test = load_test(data_root, category, cfg.image_size, with_images=False)
+    test_images = load_images(test.paths, cfg.image_size)
+    seconds = [source.split(data_root, category, split, lambda images=images: images).seconds_per_image
+               for split, images in (("train", train), ("test", test_images))]
+    n_holdout = holdout(len(train))
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))
+    train_u8, test_u8 = to_uint8(train), to_uint8(test_images)
+    return CategoryData(
+        category, train_u8, order[n_holdout:].sort().values, order[:n_holdout].sort().values, test, test_u8,
+        lambda: source.split(data_root, category, "train", lambda: train_u8.float() / 255),
+        lambda: source.split(data_root, category, "test", lambda: test_u8.float() / 255), *seconds,
+    )
+
+
+def train_epoch(head: TrainableHead, data: CategoryData, device: torch.device) -> tuple[float, float]:
+    """One epoch of `head` on `data` plus its calibration; returns (mean loss, seconds)."""
+    maps = data.train_maps().maps
+    synchronize(device)
+    start = time.perf_counter()
+    loss = head.train_epoch(data.train_images[data.train_index], {k: m[data.train_index] for k, m in maps.items()})
+    if len(data.holdout_index):
+        head.calibrate(data.train_images[data.holdout_index], {k: m[data.holdout_index] for k, m in maps.items()})
+    synchronize(device)
+    return loss, time.perf_counter() - start
+
+
+def score_category(head: TrainableHead, source: FeatureSource, data: CategoryData
+                   ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Anomaly maps and image scores of the category's test images, and the scoring seconds per image."""
+    size = source.cfg.batch_size
+    test = data.test_maps()
+    batches = ((maps, data.test_images[first:first + size])
+               for first, maps in zip(range(0, len(data.test_images), size), test.batches(size)))
+    maps, scores, seconds = score_batches(head, batches, source.cfg, source.device)
+    return maps, scores, seconds / len(data.test_images)
+
+
+def evaluate_trained(head: TrainableHead, source: FeatureSource, data: CategoryData,
+                     train_seconds: float) -> dict[str, float]:
+    """The metrics and costs of a trainable head after its latest epoch on `data`."""
+    maps, scores, score_seconds = score_category(head, source, data)
+    metrics = evaluate(maps, scores, data.test.masks, data.test.labels)
+    fit = data.train_seconds_per_image * len(data.train_images) + train_seconds
+    ms = (data.test_seconds_per_image + score_seconds) * 1000
+    return {**metrics, "fit_seconds": round(fit, 4), "ms_per_image": round(ms, 3)}
+
+
+def train_head(head: TrainableHead, source: FeatureSource, data_root: str | Path, category: str,
+               progress: Progress = lambda _msg: None) -> tuple[float, int]:
+    """Train `head` on one category for all its epochs (``anoseg fit``); returns (fit seconds, training images).
+
+    The backbone's maps are needed every epoch: they are kept in `source`'s cache, or in a temporary one.
+    """
+    head.setup(source.backbone, source.device)
+    with training_source(source) as source:
+        data = load_category(source, data_root, category, head.holdout_count)
+        seconds = data.train_seconds_per_image * len(data.train_images)
+        for epoch in range(1, head.epochs + 1):
+            loss, epoch_seconds = train_epoch(head, data, source.device)
+            seconds += epoch_seconds
+            progress(f"epoch {epoch}/{head.epochs}: loss {loss:.4f} ({epoch_seconds:.1f} s)")
+    return seconds, len(data.train_index)
+
+
+@contextmanager
+def training_source(source: FeatureSource) -> Iterator[FeatureSource]:
+    """`source` when its cache is on, else the same source over a temporary cache: a trainable head reads
+    the backbone's maps every epoch, so they are computed once and kept on disk."""
+    if source.cache.enabled:
+        yield source
+        return
+    with tempfile.TemporaryDirectory(prefix="anoseg-features-") as folder:
+        yield FeatureSource(source.backbone, source.cfg, source.device, FeatureCache(folder))
