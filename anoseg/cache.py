@@ -17,7 +17,6 @@ import fcntl
 import hashlib
 import json
 import os
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from typing import Iterator, Mapping
 import numpy as np
 import torch
 
+from anoseg.files import write_atomic, write_text_atomic
 DEFAULT_MAX_BYTES = 20 * 2**30
 FORMAT = 1
 
@@ -97,10 +97,10 @@ class FeatureCache:
         data, meta = self._paths(key)
         data.parent.mkdir(parents=True, exist_ok=True)
         array = maps.detach().to("cpu", torch.float16).numpy()
-        _atomic_write(data, lambda fh: np.save(fh, array))
+        write_atomic(data, lambda fh: np.save(fh, array))
         info = {"key": key.__dict__, "shape": list(array.shape), "seconds_per_image": seconds_per_image,
                 "created": time.time()}
-        _atomic_write(meta, lambda fh: fh.write(json.dumps(info).encode()))
+        write_text_atomic(meta, json.dumps(info))
         self.evict()
 
     @contextmanager
@@ -125,9 +125,6 @@ class FeatureCache:
             return []
         return [p for p in self.root.glob("*/*.npy")]
 
-    def size_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.entries())
-
     def evict(self) -> None:
         """Delete least recently used entries until the cache fits max_bytes."""
         entries = sorted(((p.stat().st_mtime, p.stat().st_size, p) for p in self.entries()), key=lambda t: t[0])
@@ -138,17 +135,6 @@ class FeatureCache:
             path.unlink(missing_ok=True)
             path.with_suffix(".json").unlink(missing_ok=True)
             total -= size
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def cached_layer_maps(

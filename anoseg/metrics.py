@@ -31,7 +31,7 @@ import numpy as np
 
 from anoseg.errors import ConfigError, DataError
 
-__all__ = ["Metric", "METRICS", "QUALITY_METRICS", "COST_METRICS", "MEMORY_METRICS", "METRIC_NAMES", "metric",
+__all__ = ["Metric", "METRICS", "MODES", "QUALITY_METRICS", "COST_METRICS", "MEMORY_METRICS", "METRIC_NAMES", "metric",
            "image_auroc", "pixel_auroc", "aupro", "pro_curve", "f1_max", "evaluate"]
 
 
@@ -46,6 +46,8 @@ class Metric:
     label: str  # short column header
 
 
+#: The directions an objective can take.
+MODES = ("max", "min")
 #: Every metric a trial reports, in display order. Objectives, tables, exports and dashboards read this list.
 METRICS: tuple[Metric, ...] = (
     Metric("image_auroc", "max", "image-level AUROC of the image scores", "quality", "img AUROC"),

@@ -14,9 +14,6 @@ from typing import Any, Mapping
 from anoseg.metrics import CATEGORY_METRICS, MEMORY_METRICS
 
 CATEGORIES_UNIT, EPOCHS_UNIT = "categories", "epochs"
-#: Flat keys that are not metrics: what a report says about its own progress.
-PROGRESS_KEYS = ("fidelity", "fidelity_total", "fidelity_unit", "categories_done", "category", "epoch", "loss",
-                 "resumed_from")
 
 
 def mean_metrics(per_category: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
@@ -53,10 +50,6 @@ class TrialReport:
     @property
     def categories_done(self) -> int:
         return len(self.per_category)
-
-    @property
-    def finished(self) -> bool:
-        return self.fidelity >= self.fidelity_total
 
     def to_flat(self) -> dict[str, Any]:
         """The flat dict of scalars Ray Tune takes: means, ``<category>/<metric>``, memory, progress."""

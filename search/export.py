@@ -22,7 +22,7 @@ Only COMPLETED trials (every category evaluated) count. Three kinds of file:
 * several objectives in the run (and no ``--objective``): the Pareto set, the completed trials no
   other completed trial dominates, best first by the first objective, under ``pareto: [...]``.
 
-``anoseg fit`` / ``anoseg evaluate`` read every kind (:func:`anoseg.model.read_exported`): the
+``anoseg fit`` / ``anoseg evaluate`` read every kind (:func:`anoseg.exported.read_exported`): the
 information sections are skipped, a per-category file takes ``--category``, a Pareto file ``--trial``.
 """
 from __future__ import annotations
@@ -33,15 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import yaml
-
 import anoseg
 from anoseg.config import TrialConfig
 from anoseg.errors import ConfigError
+from anoseg.exported import write_exported
+from anoseg.metrics import CATEGORY_METRICS, METRIC_NAMES, MODES, metric as metric_info
 from search.run_dir import COMPLETED, RunDir, RunError
-from search.space import METRICS, MODES
-
-SUMMARY_METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_f1_max", "image_f1_max", "fit_seconds", "ms_per_image")
 
 
 @dataclass
@@ -66,8 +63,8 @@ def _number(value: Any) -> float | None:
 
 
 def measured_metrics(records: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The metrics with a value in at least one of `records` (mean metrics), in METRICS order."""
-    return [m for m in METRICS if any(_number((r.get("metrics") or {}).get(m)) is not None for r in records)]
+    """The metrics with a value in at least one of `records` (mean metrics), in the metric list's order."""
+    return [m for m in METRIC_NAMES if any(_number((r.get("metrics") or {}).get(m)) is not None for r in records)]
 
 
 def _objectives(meta: Mapping[str, Any], objective: str | None, mode: str | None,
@@ -83,9 +80,9 @@ def _objectives(meta: Mapping[str, Any], objective: str | None, mode: str | None
                 raise ConfigError("--mode needs --objective when the run has several objectives")
             objs[0]["mode"] = mode
     else:
-        objs = [{"metric": objective, "mode": mode or METRICS.get(objective, "max")}]
+        objs = [{"metric": objective, "mode": mode or (metric_info(objective).mode if objective in METRIC_NAMES else "max")}]
     for o in objs:
-        if o["metric"] not in METRICS:
+        if o["metric"] not in METRIC_NAMES:
             raise ConfigError(f"objective {o['metric']!r} is not a metric; measured in {run.path}: "
                               f"{', '.join(measured) or 'none'}")
         if o["metric"] not in measured:
@@ -189,7 +186,7 @@ def _describe(record: Mapping[str, Any], category: str | None = None) -> str:
     backbone = (cfg.get("backbone") or {}).get("name", (record.get("params") or {}).get("backbone", "?"))
     layers = "+".join(cfg.get("layers") or [])
     source = (record.get("per_category") or {}).get(category, {}) if category else record.get("metrics") or {}
-    metrics = ", ".join(f"{k} {source[k]:.4g}" for k in SUMMARY_METRICS if _number(source.get(k)) is not None)
+    metrics = ", ".join(f"{k} {source[k]:.4g}" for k in CATEGORY_METRICS if _number(source.get(k)) is not None)
     return f"{record['trial_id']}: {backbone} [{layers}] {name}({settings}) | {metrics}"
 
 
@@ -269,8 +266,5 @@ def export_run(run_path: str | Path, out: str | Path, objective: str | None = No
                      f"trials by {o['metric']} ({o['mode']}), to {out}")
         notes.append(f"  {_describe(rec)}")
     header.append("the provenance and metrics sections are information only: anoseg's loaders skip them")
-    text = "".join(f"# {line}\n" for line in header)
-    text += yaml.safe_dump(document, sort_keys=False, default_flow_style=None, width=120)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    write_exported(out, document, header)
     return ExportResult(out, kind, objectives, trials, document, notes)

@@ -289,6 +289,3 @@ def create_backbone(name: str, layers: Sequence[str], weights: str = "offline") 
     extractor.strides = {layer: infos[layer].stride for layer in extractor.layers}
     return extractor
 
-
-def registered_names() -> list[str]:
-    return sorted(_REGISTRY)

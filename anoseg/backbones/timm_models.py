@@ -30,11 +30,11 @@ import torch
 from torch import Tensor, nn
 
 from anoseg.errors import WeightsError
+from anoseg.files import write_atomic
 from anoseg.backbones.registry import FeatureExtractor, LayerInfo, register_backbone
 from anoseg.backbones.weights import (
     WeightsSpec,
     apply_state_dict,
-    atomic_torch_save,
     convert_by_position,
     fetch_from_hf_hub,
     meta_state_shapes,
@@ -156,7 +156,7 @@ def offline_state_dict(name: str) -> "OrderedDict[str, Tensor]":
     src = read_state_dict(source)
     converted = convert_by_position(src, _full_model_shapes(name), source_name=str(source), backbone=name)
     try:
-        atomic_torch_save(converted, target)
+        write_atomic(target, lambda fh: torch.save(converted, fh))
     except OSError as exc:
         log.warning("could not cache converted weights at %s (%s)", target, exc)
     return converted
