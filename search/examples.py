@@ -11,7 +11,8 @@ Colours share one scale over the whole test set of the category (its lowest and 
 value), so panels compare with each other. Images are picked round-robin over the defect types,
 in file order: they are not the best-looking ones.
 
-Nothing here imports Ray; torch is imported only when examples are made.
+Importing this module loads neither Ray nor the model stack: torch and anoseg's model are
+imported by :func:`fit_and_score`, when examples are made.
 """
 from __future__ import annotations
 
@@ -19,10 +20,13 @@ import base64
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:
+    from anoseg.data import TestSplit
 
 OVERLAY_ALPHA = 0.5
 PANEL_MIN, PANEL_MAX = 192, 320  # displayed panel side in pixels (upscaled / downscaled to this range)
@@ -66,7 +70,8 @@ def colormap_lut(colors: Sequence[str] = TURBO) -> np.ndarray:
     return np.stack([np.interp(x, positions, anchors[:, ch]) for ch in range(3)], axis=1).round().astype(np.uint8)
 
 
-def fit_and_score(config: Mapping[str, Any], data_root: str | Path, category: str, device: str | None = None):
+def fit_and_score(config: Mapping[str, Any], data_root: str | Path, category: str,
+                  device: str | None = None) -> tuple[TestSplit, np.ndarray, np.ndarray]:
     """Fit `config` on `category`'s train set; return (test split, maps (N, S, S) numpy, image scores (N,)).
 
     The model is fitted as `anoseg fit` does it (any head, trainable ones included).
@@ -140,6 +145,7 @@ def render_example(image: np.ndarray, amap: np.ndarray, mask: np.ndarray, vmin: 
 
 
 def png_bytes(img: Image.Image) -> bytes:
+    """The image as PNG file contents."""
     buffer = io.BytesIO()
     img.save(buffer, format="PNG", optimize=True)
     return buffer.getvalue()
