@@ -16,3 +16,7 @@ class DataError(AnosegError):
 
 class WeightsError(AnosegError):
     """Backbone weights cannot be found, downloaded or loaded."""
+
+
+class NotFittedError(AnosegError):
+    """A head is asked to score (or export) before it was fitted or given a fitted state."""

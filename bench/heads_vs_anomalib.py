@@ -422,11 +422,11 @@ class AnosegSide:
 
     def category_info(self) -> dict:
         if self.job["head"] == "padim":
-            channels = self.head.channels.tolist()
+            channels = self.head.channels_.tolist()
             if channels != self.job["padim_channels"]:
                 raise SystemExit("anoseg's PaDiM channel subset differs from the one given to anomalib")
             return {"padim_channels": len(channels)}
-        return {"memory_bank": list(self.head.memory_bank.shape)}
+        return {"memory_bank": list(self.head.memory_bank_.shape)}
 
 
 class AnomalibSide:

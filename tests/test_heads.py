@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from anoseg.errors import ConfigError
+from anoseg.errors import ConfigError, NotFittedError
+from anoseg.features import combine_layers
 from anoseg.heads import HEADS, anomaly_maps, create_head, head_defaults
 from anoseg.heads.patchcore import greedy_coreset
 
@@ -41,7 +42,7 @@ def test_padim_matches_naive_mahalanobis():
     head.fit(train)
     maps, image_scores = head.score(test)
     assert image_scores is None and maps.shape == (3, 4, 5)
-    idx = head.channels.numpy()
+    idx = head.channels_.numpy()
     x = train.numpy()[:, idx]
     t = test.numpy()[:, idx]
     for i, j in [(0, 0), (2, 3), (3, 4)]:
@@ -88,17 +89,17 @@ def test_patchcore_bank_from_batches_equals_bank_at_once_with_projection():
     at_once, batched = create_head("patchcore", projection_dim=8), create_head("patchcore", projection_dim=8)
     at_once.fit(train)
     batched.fit_batches(train[i:i + 5] for i in range(0, 12, 5))
-    assert torch.equal(batched.memory_bank, at_once.memory_bank) and len(at_once.memory_bank) == 24
+    assert torch.equal(batched.memory_bank_, at_once.memory_bank_) and len(at_once.memory_bank_) == 24
 
 
 def test_patchcore_scores_equal_brute_force_nearest_neighbour():
     train, test = normal_features(n=10), normal_features(n=3, seed=2)
     head = create_head("patchcore", coreset_ratio=0.25, k=1, reweight_neighbours=0)
     head.fit(train)
-    assert head.memory_bank.shape == (50, 8)  # 25% of 10*4*5 patches
+    assert head.memory_bank_.shape == (50, 8)  # 25% of 10*4*5 patches
     maps, image_scores = head.score(test)
     patches = test.permute(0, 2, 3, 1).reshape(-1, 8)
-    expected = torch.cdist(patches, head.memory_bank).min(1).values.reshape(3, 4, 5)
+    expected = torch.cdist(patches, head.memory_bank_).min(1).values.reshape(3, 4, 5)
     torch.testing.assert_close(maps, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(image_scores, expected.flatten(1).max(1).values)
 
@@ -108,7 +109,7 @@ def test_patchcore_reweighting_follows_the_paper():
     head = create_head("patchcore", coreset_ratio=0.5, k=1, reweight_neighbours=3)
     head.fit(train)
     maps, image_scores = head.score(test)
-    bank = head.memory_bank
+    bank = head.memory_bank_
     for n in range(2):
         patches = test[n].permute(1, 2, 0).reshape(-1, 8)
         d = torch.cdist(patches, bank)
@@ -150,13 +151,13 @@ def test_padim_fit_in_chunks_of_positions_matches_naive_mahalanobis(monkeypatch)
     monkeypatch.setattr(padim, "CHUNK_ELEMENTS", 6 * 15 * 4)  # 4 positions a chunk: 11 chunks, the last short
     chunked = create_head("padim", n_features=6)
     chunked.fit(train)
-    torch.testing.assert_close(chunked.cholesky, whole.cholesky)
+    torch.testing.assert_close(chunked.cholesky_, whole.cholesky_)
     torch.testing.assert_close(chunked.score(test)[0], whole.score(test)[0])
 
 
 def _naive_padim_maps(head, train, test, epsilon=0.01):
     """Mahalanobis maps from float64 numpy covariances of the head's channels."""
-    idx = head.channels.numpy()
+    idx = head.channels_.numpy()
     x, t = train.double().numpy()[:, idx], test.double().numpy()[:, idx]
     out = np.empty((len(t),) + t.shape[2:])
     for i in range(t.shape[2]):
@@ -179,7 +180,7 @@ def test_padim_fit_from_batches_matches_naive_mahalanobis(batch):
     np.testing.assert_allclose(head.score(test)[0].numpy(), _naive_padim_maps(head, train, test), rtol=1e-4)
     whole = create_head("padim", n_features=6)
     whole.fit(train)
-    torch.testing.assert_close(head.cholesky, whole.cholesky, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(head.cholesky_, whole.cholesky_, rtol=1e-4, atol=1e-4)
 
 
 def test_padim_batches_must_agree_and_exist():
@@ -211,10 +212,10 @@ def test_fit_head_streams_layer_maps_through_head_features():
     layer_maps = {"fine": torch.randn(9, 6, 8, 8, generator=g).half(), "coarse": torch.randn(9, 12, 4, 4, generator=g)}
     streamed, whole = create_head("padim", n_features=5), create_head("padim", n_features=5)
     fit_head(streamed, layer_map_batches(layer_maps, 4), ["fine", "coarse"])
-    whole.fit(combine_layers(layer_maps).index_select(1, streamed.channels))  # the same 5 of 18, at once
-    assert streamed.in_channels == 18
+    whole.fit(combine_layers(layer_maps).index_select(1, streamed.channels_))  # the same 5 of 18, at once
+    assert streamed.in_channels_ == 18
     test = combine_layers({k: v[:2] for k, v in layer_maps.items()})
-    torch.testing.assert_close(streamed.score(test)[0], whole.score(test.index_select(1, streamed.channels))[0],
+    torch.testing.assert_close(streamed.score(test)[0], whole.score(test.index_select(1, streamed.channels_))[0],
                                rtol=1e-4, atol=1e-4)
 
 
@@ -229,7 +230,7 @@ def test_head_features_build_only_the_channels_padim_reads():
     features = head_features(head, layer_maps, ["fine", "mid", "coarse"])
     assert features.shape == (4, 5, 8, 8) and features.dtype == torch.float32
     full = combine_layers(layer_maps, ["fine", "mid", "coarse"])
-    torch.testing.assert_close(features, full.index_select(1, head.channels), rtol=0, atol=1e-6)
+    torch.testing.assert_close(features, full.index_select(1, head.channels_), rtol=0, atol=1e-6)
     # a subset that skips a layer entirely, with PatchCore-style patch averaging
     only = torch.tensor([6, 9, 20])
     torch.testing.assert_close(combine_layers(layer_maps, None, 3, only),
@@ -248,3 +249,81 @@ def test_gaussian_smoothing_equals_torchvision_blur():
 
     maps = torch.rand(3, 1, 70, 90, generator=torch.Generator().manual_seed(0)) * 5
     torch.testing.assert_close(gaussian_smooth(maps, 4.0), gaussian_blur(maps, [33, 33], [4.0, 4.0]), rtol=0, atol=2e-5)
+
+
+# ----------------------------------------------------------------------------- every head is an estimator
+
+def _data(name: str):
+    """(images, layer maps, layers) to fit and score `name` on: a random resnet18 for a trainable head,
+    random maps on two grids (16 combined channels) for a feature head."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(40, 3, 32, 32, generator=g)
+    if HEADS[name].trainable:
+        from anoseg.backbones import create_backbone
+
+        backbone = create_backbone("resnet18", ["layer1", "layer2"], weights="none")
+        with torch.no_grad():
+            return images, backbone(images), ["layer1", "layer2"], backbone
+    maps = {"fine": torch.randn(40, 8, 6, 6, generator=g), "coarse": torch.randn(40, 8, 3, 3, generator=g)}
+    return images, maps, ["fine", "coarse"], None
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_every_head_stores_its_settings_as_given_and_validates_them_in_one_place(name):
+    settings = {p: object() for p in head_defaults(name)}  # no setting allows these
+    head = HEADS[name](**settings)  # the constructor only stores
+    assert vars(head) == settings and all(head.get_params()[p] is v for p, v in settings.items())
+    first = next(iter(HEADS[name].constraints))
+    message = f"head '{name}': {first} must be .*, got <object"
+    with pytest.raises(ConfigError, match=message):
+        create_head(name, **settings)
+    images, maps, layers, backbone = _data(name)
+    with pytest.raises(ConfigError, match=message):  # a head constructed directly is checked before fitting
+        head.setup(backbone, "cpu") if head.trainable else head.fit(combine_layers(maps, layers))
+    if not head.trainable:
+        with pytest.raises(ConfigError, match=message):
+            head.fit_batches([combine_layers(maps, layers)])
+    assert set(HEADS[name].constraints) == set(head_defaults(name))  # every setting has its constraint
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_every_head_fits_like_an_estimator_and_answers_onnx_scorer(name):
+    images, maps, layers, backbone = _data(name)
+    head = create_head(name)
+    features = combine_layers(maps, layers, head.patch_size)
+    # fitted on 30 images, scored on the other 10 (no distance near 0, where float32 round-off is large)
+    test_images, test_maps = images[30:], {k: m[30:] for k, m in maps.items()}
+    score = ((lambda: head.score_images(test_images, test_maps)) if head.trainable else
+             (lambda: head.score(features[30:])))
+    with pytest.raises(NotFittedError, match=f"head '{name}' is not fitted: call .* before score"):
+        score()
+    with pytest.raises(NotFittedError, match=f"head '{name}' is not fitted"):
+        head.onnx_scorer(layers)
+    if head.trainable:
+        assert head.setup(backbone, "cpu") is head
+        head.train_epoch(images[:30], {k: m[:30] for k, m in maps.items()})
+    else:
+        assert head.fit(features[:30]) is head
+    learned = {k for k in vars(head) if not k.startswith("_")} - set(head.get_params())
+    assert learned and all(k.endswith("_") for k in learned), learned
+    assert all(getattr(head, a) is not None for a in head.fitted_attributes)
+
+    patch_maps, image_scores = score()
+    scorer = head.onnx_scorer(layers)  # the same numbers from (images, layer maps), on the CPU
+    assert isinstance(scorer, torch.nn.Module)
+    with torch.no_grad():
+        onnx_maps, onnx_scores = scorer(test_images, test_maps)
+    torch.testing.assert_close(onnx_maps, patch_maps, rtol=1e-4, atol=1e-4 * float(patch_maps.abs().max()))
+    assert (onnx_scores is None) == (image_scores is None)
+    if image_scores is not None:
+        torch.testing.assert_close(onnx_scores, image_scores, rtol=1e-4, atol=1e-6)
+
+
+def test_onnx_export_names_no_head():
+    from pathlib import Path
+
+    import anoseg.onnx_export
+
+    source = Path(anoseg.onnx_export.__file__).read_text().lower()
+    assert [name for name in HEADS if name in source] == []
+    assert "padim" not in source and "patchcore" not in source

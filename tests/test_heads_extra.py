@@ -111,7 +111,7 @@ def test_gaussian_ad_matches_naive_mahalanobis(pool):
     head.fit(train)
     maps, image_scores = head.score(test)
     assert maps.shape == (3, 4, 5) and image_scores.shape == (3,)
-    idx = head.channels
+    idx = head.channels_
     assert len(idx) == 6 and len(set(idx.tolist())) == 6
     tr, te = train[:, idx], test[:, idx]
 
@@ -119,23 +119,23 @@ def test_gaussian_ad_matches_naive_mahalanobis(pool):
     ref = LedoitWolf().fit(positions(tr))
     expected = naive_mahalanobis(positions(te), ref.location_, ref.covariance_).reshape(3, 4, 5)
     np.testing.assert_allclose(maps.numpy(), expected, rtol=1e-4)
-    assert head.patch_shrinkage == pytest.approx(ref.shrinkage_)
+    assert head.patch_shrinkage_ == pytest.approx(ref.shrinkage_)
 
     # image: a Ledoit-Wolf Gaussian over the globally pooled training vectors (Rippel et al.)
     pooled = (lambda x: x.mean((2, 3))) if pool == "mean" else (lambda x: x.amax((2, 3)))
     ref = LedoitWolf().fit(pooled(tr).double().numpy())
     expected = naive_mahalanobis(pooled(te).double().numpy(), ref.location_, ref.covariance_)
     np.testing.assert_allclose(image_scores.numpy(), expected, rtol=1e-4)
-    assert head.image_shrinkage == pytest.approx(ref.shrinkage_)
+    assert head.image_shrinkage_ == pytest.approx(ref.shrinkage_)
 
 
 def test_gaussian_ad_uses_all_channels_up_to_the_cap(monkeypatch):
     head = create_head("gaussian_ad")
     head.fit(features(n=6))
-    assert head.channels.tolist() == list(range(8))
+    assert head.channels_.tolist() == list(range(8))
     monkeypatch.setattr(gad, "MAX_FEATURES", 5)
     head.fit(features(n=6))
-    assert len(head.channels) == 5
+    assert len(head.channels_) == 5
 
 
 def test_gaussian_ad_scores_shifted_features_higher():
@@ -158,10 +158,10 @@ def test_dictionary_pca_keeps_the_share_of_variance(variance):
     head.fit(x)
     ratio = np.cumsum(np.linalg.eigvalsh(np.cov(positions(x), rowvar=False))[::-1])
     ratio /= ratio[-1]
-    d = len(head.components)  # the fewest leading axes whose explained variance reaches `variance`
+    d = len(head.components_)  # the fewest leading axes whose explained variance reaches `variance`
     assert d == (16 if variance == 1 else int(np.searchsorted(ratio, variance, side="right")) + 1)
     assert ratio[d - 1] >= variance - 1e-12 and (d == 1 or ratio[d - 2] < variance)
-    assert torch.allclose(head.components @ head.components.T, torch.eye(d), atol=1e-5)
+    assert torch.allclose(head.components_ @ head.components_.T, torch.eye(d), atol=1e-5)
 
 
 @pytest.mark.parametrize("entries", ["nearest", "centres"])
@@ -171,15 +171,15 @@ def test_dictionary_distance_equals_brute_force(entries):
     head.fit(train)
     maps, image_scores = head.score(test)
     assert image_scores is None and maps.shape == (3, 4, 5)
-    d = len(head.components)
-    assert head.dictionary.shape == (7, d) and d < 10
+    d = len(head.components_)
+    assert head.dictionary_.shape == (7, d) and d < 10
 
-    projected = (torch.from_numpy(positions(train)) - head.pca_mean.double()) @ head.components.double().T
+    projected = (torch.from_numpy(positions(train)) - head.pca_mean_.double()) @ head.components_.double().T
     if entries == "nearest":  # every entry is a real training descriptor
-        assert torch.cdist(head.dictionary.double(), projected).min(1).values.max() < 1e-4
+        assert torch.cdist(head.dictionary_.double(), projected).min(1).values.max() < 1e-4
 
-    query = (torch.from_numpy(positions(test)) - head.pca_mean.double()) @ head.components.double().T
-    brute = torch.stack([torch.stack([torch.linalg.vector_norm(q - e) for e in head.dictionary.double()]).min()
+    query = (torch.from_numpy(positions(test)) - head.pca_mean_.double()) @ head.components_.double().T
+    brute = torch.stack([torch.stack([torch.linalg.vector_norm(q - e) for e in head.dictionary_.double()]).min()
                          for q in query]).reshape(3, 4, 5)
     torch.testing.assert_close(maps.double(), brute, rtol=1e-4, atol=1e-4)
 
@@ -190,15 +190,15 @@ def test_nearest_entries_are_the_training_descriptors_nearest_to_the_centres():
     nearest = create_head("feature_dictionary", k=6, entries="nearest", seed=2)
     centres.fit(train)
     nearest.fit(train)
-    projected = (torch.from_numpy(positions(train)) - centres.pca_mean.double()) @ centres.components.double().T
-    expected = projected[torch.cdist(centres.dictionary.double(), projected).argmin(1)]
-    torch.testing.assert_close(nearest.dictionary.double(), expected, rtol=1e-5, atol=1e-5)
+    projected = (torch.from_numpy(positions(train)) - centres.pca_mean_.double()) @ centres.components_.double().T
+    expected = projected[torch.cdist(centres.dictionary_.double(), projected).argmin(1)]
+    torch.testing.assert_close(nearest.dictionary_.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_dictionary_subsamples_and_caps_k():
     head = create_head("feature_dictionary", k=500, max_samples=100)
     head.fit(features(n=10))  # 200 positions -> 100 samples -> at most 100 entries
-    assert len(head.dictionary) == 100
+    assert len(head.dictionary_) == 100
 
 
 # ----------------------------------------------------------------------------- state and devices
@@ -279,10 +279,10 @@ def test_lite0_offline_reaches_the_bar(textures, layers, head, image_bar):
     cfg = {"backbone": {"name": "tf_efficientnet_lite0", "weights": "offline"}, "layers": layers,
            "image_size": 128, "head": head}
     result = run_trial(cfg, textures)
-    assert result["pretrained"] is True
-    assert set(result["categories"]) == set(TEXTURES)
-    per_category = {c: round(m["image_auroc"], 3) for c, m in result["categories"].items()}
+    assert result.pretrained is True
+    assert set(result.per_category) == set(TEXTURES)
+    per_category = {c: round(m["image_auroc"], 3) for c, m in result.per_category.items()}
     assert min(per_category.values()) >= 0.85, per_category
-    assert result["mean"]["image_auroc"] >= image_bar, result["categories"]
-    assert result["mean"]["pixel_auroc"] >= 0.95, result["categories"]
-    assert result["mean"]["aupro"] >= 0.85, result["categories"]
+    assert result.mean["image_auroc"] >= image_bar, result.per_category
+    assert result.mean["pixel_auroc"] >= 0.95, result.per_category
+    assert result.mean["aupro"] >= 0.85, result.per_category

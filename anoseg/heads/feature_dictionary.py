@@ -30,7 +30,7 @@ from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 
 from anoseg.errors import ConfigError
-from anoseg.heads.base import Head, check_param, is_int, is_number, register_head
+from anoseg.heads.base import SEED, Head, is_int, is_number, register_head
 
 ENTRIES = ("nearest", "centres")
 BLOCK = 1 << 24  # entries per distance block: bounds memory at ~64 MiB of float32 whatever the sizes
@@ -56,6 +56,18 @@ def nearest(queries: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tensor, to
 
 @register_head("feature_dictionary")
 class FeatureDictionary(Head):
+    constraints = {
+        "variance": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+        "k": (lambda v: is_int(v) and 1 <= v <= 10_000, "an integer in [1, 10000]"),
+        "entries": (lambda v: v in ENTRIES, "one of " + ", ".join(ENTRIES)),
+        "max_samples": (lambda v: is_int(v) and v >= 100, "an integer >= 100"),
+        "seed": SEED,
+    }
+    fitted_attributes = ("dictionary_",)
+    pca_mean_: torch.Tensor | None = None  # (C,)
+    components_: torch.Tensor | None = None  # (d, C), rows orthonormal
+    dictionary_: torch.Tensor | None = None  # (k, d) in PCA coordinates
+
     def __init__(
         self,
         variance: float = 0.95,
@@ -64,28 +76,21 @@ class FeatureDictionary(Head):
         max_samples: int = 100_000,
         seed: int = 0,
     ):
-        check_param("feature_dictionary", "variance", variance, is_number(variance) and 0 < variance <= 1, "a number in (0, 1]")
-        check_param("feature_dictionary", "k", k, is_int(k) and 1 <= k <= 10_000, "an integer in [1, 10000]")
-        check_param("feature_dictionary", "entries", entries, entries in ENTRIES, "one of " + ", ".join(ENTRIES))
-        check_param("feature_dictionary", "max_samples", max_samples, is_int(max_samples) and max_samples >= 100, "an integer >= 100")
-        check_param("feature_dictionary", "seed", seed, is_int(seed) and seed >= 0, "a non-negative integer")
-        self.variance = float(variance)
+        self.variance = variance
         self.k = k
         self.entries = entries
         self.max_samples = max_samples
         self.seed = seed
-        self.pca_mean: torch.Tensor | None = None  # (C,)
-        self.components: torch.Tensor | None = None  # (d, C), rows orthonormal
-        self.dictionary: torch.Tensor | None = None  # (k, d) in PCA coordinates
 
     @staticmethod
     def _positions(features: torch.Tensor) -> torch.Tensor:
         return features.float().permute(0, 2, 3, 1).reshape(-1, features.shape[1])
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.pca_mean.to(x.device)) @ self.components.to(x.device).T
+        return (x - self.pca_mean_.to(x.device)) @ self.components_.to(x.device).T
 
-    def fit(self, features: torch.Tensor) -> None:
+    def fit(self, features: torch.Tensor) -> FeatureDictionary:
+        self._validate_params()
         self._check_features(features)
         x = self._positions(features)
         if len(x) < 2:
@@ -104,23 +109,24 @@ class FeatureDictionary(Head):
         if self.entries == "nearest":
             _, idx = nearest(torch.from_numpy(entries), torch.from_numpy(projected))
             entries = projected[idx.numpy()]
-        self.pca_mean = torch.from_numpy(pca.mean_).float().to(x.device)
-        self.components = torch.from_numpy(pca.components_).float().contiguous().to(x.device)
-        self.dictionary = torch.from_numpy(entries).float().contiguous().to(x.device)
+        self.pca_mean_ = torch.from_numpy(pca.mean_).float().to(x.device)
+        self.components_ = torch.from_numpy(pca.components_).float().contiguous().to(x.device)
+        self.dictionary_ = torch.from_numpy(entries).float().contiguous().to(x.device)
+        return self
 
     def score(self, features: torch.Tensor) -> tuple[torch.Tensor, None]:
+        self._check_fitted("score")
         self._check_features(features)
-        if self.dictionary is None:
-            raise RuntimeError("feature_dictionary: score() before fit()")
-        if features.shape[1] != self.pca_mean.shape[0]:
-            raise ConfigError(f"feature_dictionary was fitted on {self.pca_mean.shape[0]} channels, got {features.shape[1]}")
+        if features.shape[1] != self.pca_mean_.shape[0]:
+            raise ConfigError(f"feature_dictionary was fitted on {self.pca_mean_.shape[0]} channels, "
+                              f"got {features.shape[1]}")
         n, _, h, w = features.shape
         projected = self._project(self._positions(features))
-        d2, _ = nearest(projected, self.dictionary.to(features.device))
+        d2, _ = nearest(projected, self.dictionary_.to(features.device))
         return d2.sqrt().reshape(n, h, w), None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"pca_mean": self.pca_mean, "components": self.components, "dictionary": self.dictionary}
+        return {"pca_mean": self.pca_mean_, "components": self.components_, "dictionary": self.dictionary_}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.pca_mean, self.components, self.dictionary = state["pca_mean"], state["components"], state["dictionary"]
+        self.pca_mean_, self.components_, self.dictionary_ = state["pca_mean"], state["components"], state["dictionary"]

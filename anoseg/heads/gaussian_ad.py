@@ -52,7 +52,7 @@ from typing import Any
 import torch
 
 from anoseg.errors import ConfigError
-from anoseg.heads.base import Head, check_param, is_int, is_number, register_head
+from anoseg.heads.base import SEED, Head, is_int, is_number, register_head
 
 MAX_FEATURES = 1024  # channel cap when n_features is None
 POOLS = ("mean", "max")
@@ -119,6 +119,24 @@ def mahalanobis(x: torch.Tensor, mean: torch.Tensor, chol: torch.Tensor) -> torc
 
 @register_head("gaussian_ad")
 class GaussianAD(Head):
+    constraints = {
+        "shrinkage": (lambda v: v == "ledoit_wolf" or (is_number(v) and 0 <= v <= 1),
+                      '"ledoit_wolf" or a number in [0, 1]'),
+        "n_features": (lambda v: v is None or (is_int(v) and 1 <= v <= 4096),
+                       f"null (all channels, at most {MAX_FEATURES}) or an integer in [1, 4096]"),
+        "pool": (lambda v: v in POOLS, "one of " + ", ".join(POOLS)),
+        "seed": SEED,
+    }
+    fitted_attributes = ("image_cholesky_", "patch_cholesky_")
+    n_channels_: int | None = None  # C of the features fitted on
+    channels_: torch.Tensor | None = None  # the channels it reads, sorted
+    image_mean_: torch.Tensor | None = None  # (d,) Gaussian of pooled vectors
+    image_cholesky_: torch.Tensor | None = None  # (d, d)
+    patch_mean_: torch.Tensor | None = None  # (d,) Gaussian of position vectors
+    patch_cholesky_: torch.Tensor | None = None  # (d, d)
+    image_shrinkage_: float | None = None
+    patch_shrinkage_: float | None = None
+
     def __init__(
         self,
         shrinkage: str | float = "ledoit_wolf",
@@ -126,29 +144,13 @@ class GaussianAD(Head):
         pool: str = "mean",
         seed: int = 0,
     ):
-        check_param("gaussian_ad", "shrinkage", shrinkage,
-                    shrinkage == "ledoit_wolf" or (is_number(shrinkage) and 0 <= shrinkage <= 1),
-                    '"ledoit_wolf" or a number in [0, 1]')
-        check_param("gaussian_ad", "n_features", n_features,
-                    n_features is None or (is_int(n_features) and 1 <= n_features <= 4096),
-                    f"null (all channels, at most {MAX_FEATURES}) or an integer in [1, 4096]")
-        check_param("gaussian_ad", "pool", pool, pool in POOLS, "one of " + ", ".join(POOLS))
-        check_param("gaussian_ad", "seed", seed, is_int(seed) and seed >= 0, "a non-negative integer")
-        self.shrinkage = shrinkage if isinstance(shrinkage, str) else float(shrinkage)
+        self.shrinkage = shrinkage
         self.n_features = n_features
         self.pool = pool
         self.seed = seed
-        self.n_channels: int | None = None  # C of the features fitted on
-        self.channels: torch.Tensor | None = None
-        self.image_mean: torch.Tensor | None = None  # (d,) Gaussian of pooled vectors
-        self.image_cholesky: torch.Tensor | None = None  # (d, d)
-        self.patch_mean: torch.Tensor | None = None  # (d,) Gaussian of position vectors
-        self.patch_cholesky: torch.Tensor | None = None  # (d, d)
-        self.image_shrinkage: float | None = None
-        self.patch_shrinkage: float | None = None
 
     def _select(self, features: torch.Tensor) -> torch.Tensor:
-        return features.index_select(1, self.channels.to(features.device)).float()
+        return features.index_select(1, self.channels_.to(features.device)).float()
 
     def _pooled(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean(dim=(2, 3)) if self.pool == "mean" else x.amax(dim=(2, 3))
@@ -157,49 +159,51 @@ class GaussianAD(Head):
     def _positions(x: torch.Tensor) -> torch.Tensor:
         return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
 
-    def fit(self, features: torch.Tensor) -> None:
+    def fit(self, features: torch.Tensor) -> GaussianAD:
+        self._validate_params()
         self._check_features(features)
         n, c = features.shape[:2]
         if n < 2:
             raise ConfigError("gaussian_ad needs at least 2 training images to estimate a covariance")
-        self.n_channels = c
+        self.n_channels_ = c
         d = min(self.n_features or MAX_FEATURES, c)
         if d < c:
             generator = torch.Generator().manual_seed(self.seed)
-            self.channels = torch.randperm(c, generator=generator)[:d].sort().values
+            self.channels_ = torch.randperm(c, generator=generator)[:d].sort().values
         else:
-            self.channels = torch.arange(c)
+            self.channels_ = torch.arange(c)
         x = self._select(features)
-        self.image_mean, self.image_cholesky, self.image_shrinkage = shrunk_gaussian(self._pooled(x), self.shrinkage)
-        self.patch_mean, self.patch_cholesky, self.patch_shrinkage = shrunk_gaussian(self._positions(x), self.shrinkage)
+        self.image_mean_, self.image_cholesky_, self.image_shrinkage_ = shrunk_gaussian(self._pooled(x), self.shrinkage)
+        self.patch_mean_, self.patch_cholesky_, self.patch_shrinkage_ = shrunk_gaussian(self._positions(x),
+                                                                                        self.shrinkage)
+        return self
 
     def score(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_fitted("score")
         self._check_features(features)
-        if self.patch_mean is None:
-            raise RuntimeError("gaussian_ad: score() before fit()")
-        if features.shape[1] != self.n_channels:
-            raise ConfigError(f"gaussian_ad was fitted on {self.n_channels} channels, got {features.shape[1]}")
+        if features.shape[1] != self.n_channels_:
+            raise ConfigError(f"gaussian_ad was fitted on {self.n_channels_} channels, got {features.shape[1]}")
         n, _, h, w = features.shape
         device = features.device
         x = self._select(features)
-        maps = mahalanobis(self._positions(x), self.patch_mean.to(device), self.patch_cholesky.to(device))
-        image_scores = mahalanobis(self._pooled(x), self.image_mean.to(device), self.image_cholesky.to(device))
+        maps = mahalanobis(self._positions(x), self.patch_mean_.to(device), self.patch_cholesky_.to(device))
+        image_scores = mahalanobis(self._pooled(x), self.image_mean_.to(device), self.image_cholesky_.to(device))
         return maps.reshape(n, h, w), image_scores
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "n_channels": self.n_channels,
-            "channels": self.channels,
-            "image_mean": self.image_mean,
-            "image_cholesky": self.image_cholesky,
-            "patch_mean": self.patch_mean,
-            "patch_cholesky": self.patch_cholesky,
-            "image_shrinkage": self.image_shrinkage,
-            "patch_shrinkage": self.patch_shrinkage,
+            "n_channels": self.n_channels_,
+            "channels": self.channels_,
+            "image_mean": self.image_mean_,
+            "image_cholesky": self.image_cholesky_,
+            "patch_mean": self.patch_mean_,
+            "patch_cholesky": self.patch_cholesky_,
+            "image_shrinkage": self.image_shrinkage_,
+            "patch_shrinkage": self.patch_shrinkage_,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.n_channels, self.channels = int(state["n_channels"]), state["channels"]
-        self.image_mean, self.image_cholesky = state["image_mean"], state["image_cholesky"]
-        self.patch_mean, self.patch_cholesky = state["patch_mean"], state["patch_cholesky"]
-        self.image_shrinkage, self.patch_shrinkage = state["image_shrinkage"], state["patch_shrinkage"]
+        self.n_channels_, self.channels_ = int(state["n_channels"]), state["channels"]
+        self.image_mean_, self.image_cholesky_ = state["image_mean"], state["image_cholesky"]
+        self.patch_mean_, self.patch_cholesky_ = state["patch_mean"], state["patch_cholesky"]
+        self.image_shrinkage_, self.patch_shrinkage_ = state["image_shrinkage"], state["patch_shrinkage"]

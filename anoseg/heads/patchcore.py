@@ -4,23 +4,25 @@ Features arrive already averaged over a `patch_size` neighbourhood. The memory
 bank is a greedy k-center coreset chosen in a random projection; a test patch
 scores its mean distance to the `k` nearest bank entries, and the image score is
 the largest patch score re-weighted by how isolated its nearest entry is.
+
+ONNX (`onnx_feature_scorer`): distances to the memory bank by the matmul expansion
+|a|^2 - 2 a.b + |b|^2 (as the torch head computes them), TopK for the k nearest, Max/ArgMax for the
+image score, and the re-weighting exactly as the torch head does it: the nearest bank entry of the
+most anomalous patch, its `reweight_neighbours` nearest bank entries (TopK), and 1 - softmax of the
+distances. The whole (N * h * w) x bank distance matrix is materialised (the torch head works in
+chunks of 4096 rows).
 """
 from __future__ import annotations
 
 from typing import Any, Iterable, Sequence
 
 import torch
+from torch import Tensor, nn
 
 from anoseg.errors import ConfigError
-from anoseg.heads.base import Head, check_param, is_int, is_number, register_head
+from anoseg.heads.base import SEED, Head, is_int, is_number, register_head
 
 CHUNK = 4096  # rows per distance block: bounds memory at CHUNK x bank size
-
-
-def pairwise_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Euclidean distances (len(a), len(b)) via the matmul expansion, clamped at 0."""
-    d2 = a.square().sum(1, keepdim=True) - 2 * a @ b.T + b.square().sum(1)[None]
-    return d2.clamp_min_(0).sqrt_()
 
 
 def knn(queries: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,6 +87,19 @@ def take_rows(parts: Sequence[torch.Tensor], rows: torch.Tensor) -> torch.Tensor
 
 @register_head("patchcore")
 class PatchCore(Head):
+    constraints = {
+        "coreset_ratio": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+        "k": (lambda v: is_int(v) and 1 <= v <= 64, "an integer in [1, 64]"),
+        "reweight_neighbours": (lambda v: is_int(v) and 0 <= v <= 64,
+                                "an integer in [0, 64] (0 turns re-weighting off)"),
+        "patch_size": (lambda v: is_int(v) and v in (1, 3, 5, 7), "one of 1, 3, 5, 7"),
+        "projection_dim": (lambda v: is_int(v) and v >= 8, "an integer >= 8"),
+        "seed": SEED,
+    }
+    fitted_attributes = ("memory_bank_",)
+    has_onnx_rewrite = True
+    memory_bank_: torch.Tensor | None = None  # (M, C) the coreset of training patches
+
     def __init__(
         self,
         coreset_ratio: float = 0.1,
@@ -94,30 +109,24 @@ class PatchCore(Head):
         projection_dim: int = 128,
         seed: int = 0,
     ):
-        check_param("patchcore", "coreset_ratio", coreset_ratio, is_number(coreset_ratio) and 0 < coreset_ratio <= 1, "a number in (0, 1]")
-        check_param("patchcore", "k", k, is_int(k) and 1 <= k <= 64, "an integer in [1, 64]")
-        check_param("patchcore", "reweight_neighbours", reweight_neighbours, is_int(reweight_neighbours) and 0 <= reweight_neighbours <= 64, "an integer in [0, 64] (0 turns re-weighting off)")
-        check_param("patchcore", "patch_size", patch_size, is_int(patch_size) and patch_size in (1, 3, 5, 7), "one of 1, 3, 5, 7")
-        check_param("patchcore", "projection_dim", projection_dim, is_int(projection_dim) and projection_dim >= 8, "an integer >= 8")
-        check_param("patchcore", "seed", seed, is_int(seed) and seed >= 0, "a non-negative integer")
-        self.coreset_ratio = float(coreset_ratio)
+        self.coreset_ratio = coreset_ratio
         self.k = k
         self.reweight_neighbours = reweight_neighbours
         self.patch_size = patch_size
         self.projection_dim = projection_dim
         self.seed = seed
-        self.memory_bank: torch.Tensor | None = None
 
     @staticmethod
     def _patches(features: torch.Tensor) -> torch.Tensor:
         return features.float().permute(0, 2, 3, 1).reshape(-1, features.shape[1])
 
-    def fit(self, features: torch.Tensor) -> None:
-        self.fit_batches([features])
+    def fit(self, features: torch.Tensor) -> PatchCore:
+        return self.fit_batches([features])
 
-    def fit_batches(self, batches: Iterable[torch.Tensor]) -> None:
+    def fit_batches(self, batches: Iterable[torch.Tensor]) -> PatchCore:
         """Collect the patches of every batch, choose the coreset over all of them (projected a batch
         at a time) and keep its rows: the patches are never stacked into one more copy."""
+        self._validate_params()
         parts = []
         for features in batches:
             self._check_features(features)
@@ -128,17 +137,17 @@ class PatchCore(Head):
         n = max(1, min(total, round(self.coreset_ratio * total)))
         if n < total:
             generator = torch.Generator().manual_seed(self.seed)
-            self.memory_bank = take_rows(parts, greedy_coreset(parts, n, self.projection_dim, generator))
+            bank = take_rows(parts, greedy_coreset(parts, n, self.projection_dim, generator))
         else:
-            self.memory_bank = parts[0] if len(parts) == 1 else torch.cat(parts)
-        self.memory_bank = self.memory_bank.contiguous()
+            bank = parts[0] if len(parts) == 1 else torch.cat(parts)
+        self.memory_bank_ = bank.contiguous()
+        return self
 
     def score(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_fitted("score")
         self._check_features(features)
-        if self.memory_bank is None:
-            raise RuntimeError("patchcore: score() before fit()")
         n, _, h, w = features.shape
-        bank = self.memory_bank.to(features.device)
+        bank = self.memory_bank_.to(features.device)
         patches = self._patches(features)
         k = min(self.k, len(bank))
         dists, idx = knn(patches, bank, k)
@@ -154,8 +163,44 @@ class PatchCore(Head):
             image_scores = image_scores * (1 - torch.softmax(d, dim=1)[:, 0])
         return patch_scores.reshape(n, h, w), image_scores
 
+    def onnx_feature_scorer(self) -> PatchCoreScorer:
+        return PatchCoreScorer(self)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"memory_bank": self.memory_bank}
+        return {"memory_bank": self.memory_bank_}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.memory_bank = state["memory_bank"]
+        self.memory_bank_ = state["memory_bank"]
+
+
+class PatchCoreScorer(nn.Module):
+    """PatchCore's k-NN patch scores and re-weighted image score with matmuls, TopK and Gather (on the CPU)."""
+
+    def __init__(self, head: PatchCore) -> None:
+        super().__init__()
+        bank = head.memory_bank_.detach().cpu().float().contiguous().clone()
+        self.register_buffer("bank", bank)  # (M, C)
+        self.register_buffer("bank_sq", bank.square().sum(1))  # (M,)
+        self.k = min(int(head.k), len(bank))
+        self.b = min(int(head.reweight_neighbours), len(bank))
+
+    def _distances(self, a: Tensor) -> Tensor:
+        """Euclidean distances of rows of a (..., C) to every bank row: (..., M)."""
+        d2 = a.square().sum(-1, keepdim=True) - 2 * torch.matmul(a, self.bank.T) + self.bank_sq
+        return d2.clamp_min(0).sqrt()
+
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        n, c, h, w = features.shape
+        patches = features.permute(0, 2, 3, 1).reshape(n, h * w, c)
+        dists, idx = self._distances(patches).topk(self.k, dim=-1, largest=False)  # (N, hw, k)
+        patch_scores = dists.mean(-1)  # (N, hw)
+        image_scores, argmax = patch_scores.max(dim=1)  # (N,)
+        if self.b > 1:
+            worst = patches.gather(1, argmax[:, None, None].expand(n, 1, c))[:, 0]  # (N, C)
+            nearest_idx = idx[:, :, 0].gather(1, argmax[:, None])[:, 0]  # (N,) m* of each image
+            nearest = self.bank.index_select(0, nearest_idx)  # (N, C)
+            support = self._distances(nearest).topk(self.b, dim=-1, largest=False).indices  # (N, b)
+            neighbours = self.bank.index_select(0, support.reshape(-1)).reshape(n, self.b, c)
+            d = (worst[:, None, :] - neighbours).square().sum(-1).sqrt()  # (N, b)
+            image_scores = image_scores * (1 - torch.softmax(d, dim=1)[:, 0])
+        return patch_scores.reshape(n, h, w), image_scores

@@ -23,34 +23,28 @@ discrepancy_scaling; holdout (share of the training images, with discrepancy sca
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 
 from anoseg.errors import ConfigError
-from anoseg.heads.base import TrainableHead, check_param, is_int, is_number, register_head
+from anoseg.heads.base import SEED, TrainableHead, is_int, is_number, register_head
 
 DEFAULT_LR = {"sgd": 0.4, "adam": 1e-3}
 STD_FLOOR = 0.1  # discrepancy std floor, as a share of the layer's mean std
-
-
 WEIGHT_SCHEMES = ("equal", "shallow", "deep")
 
 
-def parse_layer_weights(value: Any) -> list[float] | None:
-    """A scheme name -> None; "1,0.5" or [1, 0.5] -> [1.0, 0.5]; anything else is a ConfigError."""
-    if value in WEIGHT_SCHEMES:
-        return None
+def _numbers(value: Any) -> list[float]:
+    """"1,0.5" or [1, 0.5] -> [1.0, 0.5]; [] unless non-negative numbers, not all zero."""
     parts = value.split(",") if isinstance(value, str) else value
     try:
         weights = [float(p) for p in parts]
     except (TypeError, ValueError):
-        weights = []
-    if not weights or any(not w >= 0 for w in weights) or sum(weights) <= 0:
-        raise ConfigError(f"head 'stfpm': layer_weights must be one of {', '.join(WEIGHT_SCHEMES)} or comma-separated "
-                          f"non-negative numbers, one per selected layer, not all zero (e.g. \"1,1,0.5\"), got {value!r}")
-    return weights
+        return []
+    return weights if weights and all(w >= 0 for w in weights) and sum(weights) > 0 else []
 
 
 def layer_weights_for(value: Any, layers: list[str]) -> list[float]:
@@ -62,7 +56,7 @@ def layer_weights_for(value: Any, layers: list[str]) -> list[float]:
     if value in ("shallow", "deep"):
         ramp = [2.0 * (i + 1) / (n + 1) for i in range(n)]
         return ramp[::-1] if value == "shallow" else ramp
-    weights = parse_layer_weights(value)
+    weights = _numbers(value)
     if len(weights) != n:
         raise ConfigError(f"head 'stfpm': layer_weights {value!r} has {len(weights)} values but the trial selects "
                           f"{n} layers ({', '.join(layers)})")
@@ -71,50 +65,60 @@ def layer_weights_for(value: Any, layers: list[str]) -> list[float]:
 
 @register_head("stfpm")
 class STFPM(TrainableHead):
+    constraints = {
+        "epochs": (lambda v: is_int(v) and 1 <= v <= 10000, "an integer in [1, 10000]"),
+        "lr": (lambda v: v is None or (is_number(v) and 0 < v <= 10), "null or a number in (0, 10]"),
+        "batch_size": (lambda v: is_int(v) and 1 <= v <= 4096, "an integer in [1, 4096]"),
+        "optimizer": (lambda v: v in tuple(DEFAULT_LR), " or ".join(DEFAULT_LR)),
+        "discrepancy_scaling": (lambda v: isinstance(v, bool), "true or false"),
+        "holdout": (lambda v: is_number(v) and 0 < v < 1, "a number in (0, 1)"),
+        "seed": SEED,
+        "layer_weights": (lambda v: v in WEIGHT_SCHEMES or bool(_numbers(v)),
+                          f"one of {', '.join(WEIGHT_SCHEMES)} or comma-separated non-negative numbers, one per "
+                          "selected layer, not all zero (e.g. \"1,1,0.5\")"),
+    }
+    fitted_attributes = ("student_",)
+    student_: torch.nn.Module | None = None  # the backbone's architecture up to the deepest selected layer
+    optimizer_: torch.optim.Optimizer | None
+    layers_: list[str]  # the selected layers, shallow to deep
+    weights_: list[float]  # their weights
+    device_: torch.device
+    generator_: torch.Generator  # shuffles the training images
+    input_mean_: torch.Tensor  # (1, 3, 1, 1) the backbone's input normalisation
+    input_std_: torch.Tensor
+    stats_: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer -> (mean, std) of the discrepancy per position
+
     def __init__(self, epochs: int = 20, lr: float | None = None, batch_size: int = 16, optimizer: str = "sgd",
                  layer_weights: str = "equal", discrepancy_scaling: bool = False, holdout: float = 0.2,
                  seed: int = 0):
-        check_param("stfpm", "epochs", epochs, is_int(epochs) and 1 <= epochs <= 10000, "an integer in [1, 10000]")
-        check_param("stfpm", "lr", lr, lr is None or (is_number(lr) and 0 < lr <= 10), "null or a number in (0, 10]")
-        check_param("stfpm", "batch_size", batch_size, is_int(batch_size) and 1 <= batch_size <= 4096,
-                    "an integer in [1, 4096]")
-        check_param("stfpm", "optimizer", optimizer, optimizer in DEFAULT_LR, " or ".join(DEFAULT_LR))
-        check_param("stfpm", "discrepancy_scaling", discrepancy_scaling, isinstance(discrepancy_scaling, bool),
-                    "true or false")
-        check_param("stfpm", "holdout", holdout, is_number(holdout) and 0 < holdout < 1, "a number in (0, 1)")
-        check_param("stfpm", "seed", seed, is_int(seed) and seed >= 0, "a non-negative integer")
-        parse_layer_weights(layer_weights)
         self.epochs, self.lr, self.batch_size, self.optimizer = epochs, lr, batch_size, optimizer
         self.layer_weights, self.discrepancy_scaling, self.holdout, self.seed = (
-            layer_weights, discrepancy_scaling, float(holdout), seed)
-        self.student: torch.nn.Module | None = None
-        self.optim: torch.optim.Optimizer | None = None
-        self.layers: list[str] = []
-        self.weights: list[float] = []
-        self.device = torch.device("cpu")
-        self.generator = torch.Generator().manual_seed(seed)
-        self.stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (mean, std) of the discrepancy
+            layer_weights, discrepancy_scaling, holdout, seed)
 
     # ------------------------------------------------------------------ set-up
-    def setup(self, backbone: torch.nn.Module, device: torch.device | str) -> None:
+    def setup(self, backbone: torch.nn.Module, device: torch.device | str) -> STFPM:
         from anoseg.backbones import create_backbone
 
-        self.layers = list(backbone.layers)
-        self.weights = layer_weights_for(self.layer_weights, self.layers)
-        self.device = torch.device(device)
+        self._validate_params()
+        self.layers_ = list(backbone.layers)
+        self.weights_ = layer_weights_for(self.layer_weights, self.layers_)
+        self.device_ = torch.device(device)
+        self.generator_ = torch.Generator().manual_seed(self.seed)
+        self.stats_ = {}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            student = create_backbone(backbone.name, self.layers, "none")
+            student = create_backbone(backbone.name, self.layers_, "none")
         student.body.requires_grad_(True)
-        self.student = student.to(self.device)
-        self.input_mean = torch.tensor(backbone.mean, device=self.device).view(1, 3, 1, 1)
-        self.input_std = torch.tensor(backbone.std, device=self.device).view(1, 3, 1, 1)
-        params = [p for p in self.student.body.parameters() if p.requires_grad]
+        self.student_ = student.to(self.device_)
+        self.input_mean_ = torch.tensor(backbone.mean, device=self.device_).view(1, 3, 1, 1)
+        self.input_std_ = torch.tensor(backbone.std, device=self.device_).view(1, 3, 1, 1)
+        params = [p for p in self.student_.body.parameters() if p.requires_grad]
         lr = self.lr or DEFAULT_LR[self.optimizer]
         if self.optimizer == "sgd":
-            self.optim = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
+            self.optimizer_ = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
         else:
-            self.optim = torch.optim.Adam(params, lr=lr)
+            self.optimizer_ = torch.optim.Adam(params, lr=lr)
+        return self
 
     def holdout_count(self, n_train: int) -> int:
         if not self.discrepancy_scaling:
@@ -125,72 +129,80 @@ class STFPM(TrainableHead):
                               "(holdout); at least 2 must remain for training: lower holdout or add images")
         return count
 
-    def _require_setup(self) -> torch.nn.Module:
-        if self.student is None:
-            raise RuntimeError("stfpm: setup(backbone, device) must come first")
-        return self.student
+    def cpu_copy(self) -> STFPM:
+        """A copy for scoring on the CPU: its own CPU student and statistics, no optimizer."""
+        self._check_fitted("cpu_copy")
+        head = copy.copy(self)
+        head.student_ = copy.deepcopy(self.student_).to("cpu").float()
+        head.optimizer_ = None
+        head.device_ = torch.device("cpu")
+        head.input_mean_, head.input_std_ = self.input_mean_.cpu(), self.input_std_.cpu()
+        head.stats_ = {layer: (mean.cpu(), std.cpu()) for layer, (mean, std) in self.stats_.items()}
+        return head
 
     # ------------------------------------------------------------------ training
     def _student_maps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = images.to(self.device, non_blocking=True)
+        x = images.to(self.device_, non_blocking=True)
         x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
-        return self._require_setup()((x - self.input_mean) / self.input_std)
+        return self.student_((x - self.input_mean_) / self.input_std_)
 
     def _discrepancies(self, images: torch.Tensor, layer_maps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per layer 0.5 ||t - s||^2 per position, (N, h, w)."""
         student = self._student_maps(images)
         out = {}
-        for layer in self.layers:
-            t = F.normalize(layer_maps[layer].to(self.device).float(), dim=1)
+        for layer in self.layers_:
+            t = F.normalize(layer_maps[layer].to(self.device_).float(), dim=1)
             s = F.normalize(student[layer], dim=1)
             out[layer] = 0.5 * (t - s).square().sum(dim=1)
         return out
 
     def train_epoch(self, images: torch.Tensor, layer_maps: Mapping[str, torch.Tensor]) -> float:
-        student = self._require_setup()
-        student.body.train(True)
-        order = torch.randperm(len(images), generator=self.generator)
+        self._check_fitted("train_epoch")
+        self.student_.body.train(True)
+        order = torch.randperm(len(images), generator=self.generator_)
         batches = list(order.split(self.batch_size))
         if len(batches) > 1 and len(batches[-1]) == 1:  # BatchNorm cannot train on one sample
             batches[-2] = torch.cat(batches[-2:])
             batches.pop()
         total = 0.0
         for index in batches:
-            disc = self._discrepancies(images[index], {k: layer_maps[k][index] for k in self.layers})
-            loss = sum(w * d.sum() / (d.shape[1] * d.shape[2]) for w, d in zip(self.weights, disc.values()))
-            self.optim.zero_grad(set_to_none=True)
+            disc = self._discrepancies(images[index], {k: layer_maps[k][index] for k in self.layers_})
+            loss = sum(w * d.sum() / (d.shape[1] * d.shape[2]) for w, d in zip(self.weights_, disc.values()))
+            self.optimizer_.zero_grad(set_to_none=True)
             loss.backward()
-            self.optim.step()
+            self.optimizer_.step()
             total += float(loss.detach())
-        student.body.train(False)
+        self.student_.body.train(False)
         return total / len(images)
 
     @torch.no_grad()
     def calibrate(self, images: torch.Tensor, layer_maps: Mapping[str, torch.Tensor]) -> None:
         if not self.discrepancy_scaling:
             return
-        parts: dict[str, list[torch.Tensor]] = {layer: [] for layer in self.layers}
+        self._check_fitted("calibrate")
+        parts: dict[str, list[torch.Tensor]] = {layer: [] for layer in self.layers_}
         for first in range(0, len(images), self.batch_size):
             sl = slice(first, first + self.batch_size)
-            for layer, d in self._discrepancies(images[sl], {k: layer_maps[k][sl] for k in self.layers}).items():
+            for layer, d in self._discrepancies(images[sl], {k: layer_maps[k][sl] for k in self.layers_}).items():
                 parts[layer].append(d)
         for layer, chunks in parts.items():
             d = torch.cat(chunks)
             std = d.std(dim=0)
-            self.stats[layer] = (d.mean(dim=0), std.clamp_min(STD_FLOOR * float(std.mean()) + 1e-12))
+            self.stats_[layer] = (d.mean(dim=0), std.clamp_min(STD_FLOOR * float(std.mean()) + 1e-12))
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
     def score_images(self, images: torch.Tensor, layer_maps: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, None]:
-        self._require_setup().body.train(False)
-        if self.discrepancy_scaling and not self.stats:
+        self._check_fitted("score_images")
+        self.student_.body.train(False)
+        if self.discrepancy_scaling and not self.stats_:
             raise RuntimeError("stfpm: discrepancy_scaling needs calibrate() on held-out images before scoring")
         disc = self._discrepancies(images, layer_maps)
         grid = max((d.shape[-2:] for d in disc.values()), key=lambda s: s[0] * s[1])
         total = None
-        for w, (layer, d) in zip(self.weights, disc.items()):
+        for w, (layer, d) in zip(self.weights_, disc.items()):
             if self.discrepancy_scaling:
-                mean, std = self.stats[layer]
+                mean, std = self.stats_[layer]
                 d = (d - mean.to(d.device)) / std.to(d.device)
             if d.shape[-2:] != grid:
                 d = F.interpolate(d[:, None], size=tuple(grid), mode="bilinear", align_corners=False)[:, 0]
@@ -199,27 +211,27 @@ class STFPM(TrainableHead):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {f"student.{k}": v for k, v in self._require_setup().state_dict().items()}
-        for layer, (mean, std) in self.stats.items():
+        self._check_fitted("state_dict")
+        state: dict[str, Any] = {f"student.{k}": v for k, v in self.student_.state_dict().items()}
+        for layer, (mean, std) in self.stats_.items():
             state[f"stats_mean.{layer}"], state[f"stats_std.{layer}"] = mean, std
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        student = self._require_setup()
-        weights = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
-        student.load_state_dict(weights)
-        self.stats = {layer: (state[f"stats_mean.{layer}"], state[f"stats_std.{layer}"])
-                      for layer in self.layers if f"stats_mean.{layer}" in state}
+        self._check_fitted("load_state_dict")
+        self.student_.load_state_dict({k[len("student."):]: v for k, v in state.items() if k.startswith("student.")})
+        self.stats_ = {layer: (state[f"stats_mean.{layer}"], state[f"stats_std.{layer}"])
+                       for layer in self.layers_ if f"stats_mean.{layer}" in state}
 
     def training_state(self) -> dict[str, Any]:
         """Weights, optimizer, shuffling state and statistics as CPU copies (for checkpoints)."""
-        return _to_cpu({"model": self.state_dict(), "optimizer": self.optim.state_dict(),
-                        "generator": self.generator.get_state()})
+        return _to_cpu({"model": self.state_dict(), "optimizer": self.optimizer_.state_dict(),
+                        "generator": self.generator_.get_state()})
 
     def load_training_state(self, state: Mapping[str, Any]) -> None:
         self.load_state_dict(dict(state["model"]))
-        self.optim.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
+        self.optimizer_.load_state_dict(state["optimizer"])
+        self.generator_.set_state(state["generator"])
 
 
 def _to_cpu(value: Any) -> Any:
