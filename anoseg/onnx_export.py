@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from anoseg.heads import anomaly_maps
+from anoseg.pipeline import anomaly_maps
 from anoseg.model import FittedModel, ModelError
 
 DEFAULT_OPSET = 18

@@ -23,8 +23,8 @@ The anoseg package is copied once at the start (``git archive HEAD`` by default,
 and every process imports that copy, so edits made while the benchmark runs change nothing.
 
 Sides. anoseg uses its public pieces as ``anoseg.model.fit_model`` and ``FittedModel.predict`` do
-(create_backbone, create_head; fit: ``fit_head`` over ``iter_layer_maps``, so layer maps go into the head
-a batch at a time; test: ``extract_layers`` + ``final_maps`` a batch at a time). anomalib (``pip install anomalib`` into a
+(create_backbone, create_head; fit: ``fit_feature_head`` over ``iter_layer_maps``, so layer maps go into the head
+a batch at a time; test: ``extract_layers`` + ``score_batch`` a batch at a time, all from anoseg.pipeline). anomalib (``pip install anomalib`` into a
 venv this script creates, which sees anoseg's torch / timm through a .pth file, so both run the same
 torch) uses its torch models (``PadimModel`` / ``PatchcoreModel``) the way its Lightning modules do:
 train-mode forward per batch to collect embeddings, then ``fit()`` / ``subsample_embedding(0.1)``,
@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import inspect
 import json
 import os
 import shutil
@@ -346,7 +345,7 @@ def _import_library(side: str, anoseg_path: str | None = None) -> None:
 
 
 class AnosegSide:
-    """anoseg as anoseg.trial.evaluate_category runs it (images already in memory)."""
+    """anoseg through its one pipeline (anoseg.pipeline), as `fit` and `predict` run it (images already in memory)."""
 
     def __init__(self, job: dict) -> None:
         import anoseg
@@ -355,12 +354,8 @@ class AnosegSide:
         self.job = job
         self.layers = job["layers"]
         self.device = "cpu"
-        from anoseg.heads import final_maps
-
         self.backbone = create_backbone(job["backbone"], self.layers, job["weights"])
-        self.layer_maps_api = "layer_maps" in inspect.signature(final_maps).parameters
-        self.info = {"weights": self.backbone.weights, "anoseg_path": str(Path(anoseg.__file__).parent),
-                     "final_maps_api": "layer_maps" if self.layer_maps_api else "features"}
+        self.info = {"weights": self.backbone.weights, "anoseg_path": str(Path(anoseg.__file__).parent)}
         self.head = None
 
     def layer_maps(self, images):
@@ -376,46 +371,24 @@ class AnosegSide:
         return create_head("patchcore", **PATCHCORE)
 
     def fit(self, images) -> None:
+        """Layer maps a batch at a time into the head, as anoseg.model.fit_model fits."""
+        from anoseg.features import iter_layer_maps
+        from anoseg.pipeline import fit_feature_head
+
         self.head = self._new_head()
-        try:  # as anoseg.model.fit_model fits: layer maps a batch at a time into the head (anoseg >= fit_head)
-            from anoseg.features import iter_layer_maps
-            from anoseg.heads import fit_head
-        except ImportError:
-            self._fit_at_once(images)
-        else:
-            fit_head(self.head, iter_layer_maps(self.backbone, images, self.job["batch_size"], self.device),
-                     self.layers)
-
-    def _fit_at_once(self, images) -> None:
-        """Older snapshots: every train map first, then the head's features."""
-        from anoseg.features import combine_layers, extract_layers
-
-        train_maps = extract_layers(self.backbone, images, self.job["batch_size"], self.device)
-        try:  # only the channels the head reads (anoseg >= bcd9cf3)
-            from anoseg.heads import head_features
-        except ImportError:
-            features = combine_layers(train_maps, self.layers, self.head.patch_size)
-        else:
-            features = head_features(self.head, train_maps, self.layers)
-        del train_maps
-        self.head.fit(features)
+        fit_feature_head(self.head, iter_layer_maps(self.backbone, images, self.job["batch_size"], self.device),
+                         self.layers)
 
     def test(self, images):
         """As anoseg.model.FittedModel.predict: extract, score and post-process a batch at a time."""
         import torch
 
-        from anoseg.features import combine_layers, extract_layers
-        from anoseg.heads import final_maps
+        from anoseg.pipeline import score_batch
 
         bs = self.job["batch_size"]
         maps_list, scores_list = [], []
         for first in range(0, len(images), bs):
-            batch = extract_layers(self.backbone, images[first:first + bs], bs, self.device)
-            if self.layer_maps_api:  # final_maps(head, layer_maps, layers, size): combines the layers itself
-                maps, scores = final_maps(self.head, batch, self.layers, IMAGE_SIZE)
-            else:  # final_maps(head, features, size)
-                maps, scores = final_maps(self.head, combine_layers(batch, self.layers, self.head.patch_size),
-                                          IMAGE_SIZE)
+            maps, scores = score_batch(self.head, self.layer_maps(images[first:first + bs]), self.layers, IMAGE_SIZE)
             maps_list.append(maps)
             scores_list.append(scores)
         return torch.cat(maps_list), torch.cat(scores_list)

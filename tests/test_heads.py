@@ -6,7 +6,8 @@ import torch
 
 from anoseg.errors import ConfigError, NotFittedError
 from anoseg.features import combine_layers
-from anoseg.heads import HEADS, anomaly_maps, create_head, head_defaults
+from anoseg.heads import HEADS, create_head, head_defaults
+from anoseg.pipeline import anomaly_maps
 from anoseg.heads.patchcore import greedy_coreset
 
 
@@ -206,7 +207,7 @@ def test_fitting_from_batches_equals_fitting_at_once(name):
 
 def test_fit_head_streams_layer_maps_through_head_features():
     from anoseg.features import combine_layers, layer_map_batches
-    from anoseg.heads import fit_head
+    from anoseg.pipeline import fit_feature_head as fit_head
 
     g = torch.Generator().manual_seed(2)
     layer_maps = {"fine": torch.randn(9, 6, 8, 8, generator=g).half(), "coarse": torch.randn(9, 12, 4, 4, generator=g)}
@@ -221,7 +222,7 @@ def test_fit_head_streams_layer_maps_through_head_features():
 
 def test_head_features_build_only_the_channels_padim_reads():
     from anoseg.features import combine_layers
-    from anoseg.heads import head_features
+    from anoseg.pipeline import head_features
 
     g = torch.Generator().manual_seed(0)
     layer_maps = {"fine": torch.randn(4, 6, 8, 8, generator=g).half(), "mid": torch.randn(4, 10, 4, 4, generator=g),
@@ -245,7 +246,7 @@ def test_head_features_build_only_the_channels_padim_reads():
 def test_gaussian_smoothing_equals_torchvision_blur():
     from torchvision.transforms.functional import gaussian_blur
 
-    from anoseg.heads.base import gaussian_smooth
+    from anoseg.pipeline import gaussian_smooth
 
     maps = torch.rand(3, 1, 70, 90, generator=torch.Generator().manual_seed(0)) * 5
     torch.testing.assert_close(gaussian_smooth(maps, 4.0), gaussian_blur(maps, [33, 33], [4.0, 4.0]), rtol=0, atol=2e-5)

@@ -1,11 +1,7 @@
 """Anomaly heads: one file each, registered by name."""
 from __future__ import annotations
 
-from anoseg.heads.base import (
-    HEADS, AnyHead, Head, HeadBase, TrainableHead, anomaly_maps, create_head, final_maps, fit_head, head_defaults,
-    head_features, register_head,
-)
+from anoseg.heads.base import HEADS, AnyHead, Head, HeadBase, TrainableHead, create_head, head_defaults, register_head
 from anoseg.heads import feature_dictionary, gaussian_ad, padim, patchcore, stfpm  # noqa: F401  (registers the heads)
 
-__all__ = ["HEADS", "AnyHead", "Head", "HeadBase", "TrainableHead", "anomaly_maps", "create_head", "final_maps",
-           "fit_head", "head_defaults", "head_features", "register_head"]
+__all__ = ["HEADS", "AnyHead", "Head", "HeadBase", "TrainableHead", "create_head", "head_defaults", "register_head"]

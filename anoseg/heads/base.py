@@ -14,16 +14,14 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from anoseg.errors import ConfigError, NotFittedError
-from anoseg.features import combine_layers, total_channels
+from anoseg.features import combine_layers
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-MAP_SIGMA = 4.0
 
 Constraint = tuple[Callable[[Any], bool], str]  # (predicate on the value, the allowed values in words)
 Scores = tuple[torch.Tensor, Union[torch.Tensor, None]]  # patch maps (N, h, w), image scores (N,) or None
@@ -255,68 +253,3 @@ def _head_class(name: str) -> type[HeadBase]:
     if name not in HEADS:
         raise ConfigError(f"head {name!r} is unknown; allowed: {', '.join(sorted(HEADS))}")
     return HEADS[name]
-
-
-def anomaly_maps(patch_maps: torch.Tensor, size: int, sigma: float = MAP_SIGMA) -> torch.Tensor:
-    """Upsample patch maps (N, h, w) bilinearly to `size` x `size` and smooth with a Gaussian (sigma 4)."""
-    maps = F.interpolate(patch_maps[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)
-    return gaussian_smooth(maps, sigma)[:, 0] if sigma > 0 else maps[:, 0]
-
-
-def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian blur of (N, 1, H, W) maps, kernel 2*round(4 sigma)+1, reflected border.
-
-    The same as torchvision's `gaussian_blur` with that kernel, as two 1-D passes: 2k instead of
-    k^2 multiply-adds per pixel (k = 33 at sigma 4).
-    """
-    radius = int(4.0 * sigma + 0.5)
-    x = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    padded = F.pad(maps, (radius, radius, radius, radius), mode="reflect")
-    rows = F.conv2d(padded, kernel.view(1, 1, 1, -1))
-    return F.conv2d(rows, kernel.view(1, 1, -1, 1))
-
-
-def patch_scores(
-    head: AnyHead, layer_maps: Mapping[str, torch.Tensor], layers: Sequence[str],
-    images: torch.Tensor | None = None, device: torch.device | str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The head's patch maps (N, h, w) and own image scores (or None) for one batch; see final_maps."""
-    if head.trainable:
-        if images is None:
-            raise ValueError(f"head {head.name!r} scores images: pass them too")
-        return head.score_images(images, layer_maps)
-    features = head_features(head, layer_maps, layers)
-    return head.score(features if device is None else features.to(device))
-
-
-def fit_head(
-    head: Head, layer_map_batches: Iterable[Mapping[str, torch.Tensor]], layers: Sequence[str],
-    device: torch.device | str | None = None,
-) -> None:
-    """Fit a feature head on batches of layer maps ({layer: (n, C, h, w)}), each turned into head
-    features (on `device`, default where the maps are) only when the head asks for it."""
-    head.fit_batches(head_features(head, maps, layers).to(device or next(iter(maps.values())).device)
-                     for maps in layer_map_batches)
-
-
-def head_features(head: Head, layer_maps: Mapping[str, torch.Tensor], layers: Sequence[str]) -> torch.Tensor:
-    """What a feature head fits on and scores: `layers` combined on one grid (float32), averaged over
-    its patch size, only the channels it reads."""
-    return combine_layers(layer_maps, layers, head.patch_size, head.input_channels(total_channels(layer_maps, layers)))
-
-
-def final_maps(
-    head: AnyHead, layer_maps: Mapping[str, torch.Tensor], layers: Sequence[str], size: int,
-    images: torch.Tensor | None = None, device: torch.device | str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Score one batch: anomaly maps (N, size, size) and image scores (the head's own, else the map maximum).
-
-    A feature head scores the selected layers combined on one grid; a trainable head scores the
-    images (N, 3, S, S) in [0, 1] against the backbone's maps. `device`: where a feature head
-    scores (default: where the maps are).
-    """
-    patch_maps, image_scores = patch_scores(head, layer_maps, layers, images, device)
-    maps = anomaly_maps(patch_maps, size)
-    return maps, maps.amax(dim=(1, 2)) if image_scores is None else image_scores
