@@ -1,35 +1,72 @@
-"""One trial's configuration: parsed from a dict or YAML file and validated up front."""
+"""One trial's configuration: parsed from a dict or YAML file and validated up front.
+
+The structure is a pydantic schema (:class:`TrialConfig`); the names (backbone, layers, head and its
+settings) are checked against the registries, which import torch, only when asked (``check_registries``).
+"""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Annotated, Any, ClassVar, Mapping
 
 import yaml
+from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 
 from anoseg.errors import AnosegError, ConfigError
+from anoseg.schema import FieldError, Schema, config_error
 
-TOP_LEVEL_FIELDS = ("backbone", "layers", "image_size", "head", "batch_size", "seed", "device")
-DEVICES = ("auto", "cpu", "cuda")
+__all__ = ["BackboneSpec", "TrialConfig", "ImageSize", "BatchSize", "Seed", "Device", "Weights", "load_config",
+           "read_yaml"]
+
+# Field types shared with the search space file (search.space_schema).
+ImageSize = Annotated[int, Field(ge=32, le=4096)]
+BatchSize = Annotated[int, Field(ge=1, le=4096)]
+Seed = Annotated[int, Field(ge=0, le=2**31 - 1)]
+Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda|cuda:\d+)$", description="one of auto, cpu, cuda or cuda:N")]
+#: offline | hub | none | /path/to/file.pth (checked by anoseg.backbones.parse_weights); null or false = none.
+Weights = Annotated[str, BeforeValidator(lambda value: "none" if value is None or value is False else value)]
 
 
-@dataclass(frozen=True)
-class BackboneSpec:
+class BackboneSpec(Schema):
+    """A backbone name and its weights: offline | hub | none | /path/to/file.pth."""
+
+    example: ClassVar[str] = " (e.g. {name: resnet18, weights: offline})"
     name: str
-    weights: str = "offline"  # offline | hub | none | /path/to/file.pth
+    weights: Weights = "offline"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
 
 
-@dataclass(frozen=True)
-class TrialConfig:
+class TrialConfig(Schema):
     """Everything one trial needs besides the data: backbone, layers, image size and head."""
 
     backbone: BackboneSpec
-    layers: tuple[str, ...]
-    head: Mapping[str, Any] = field(default_factory=dict)  # {"name": ..., **params}
-    image_size: int = 256
-    batch_size: int = 16
-    seed: int = 0
-    device: str = "auto"
+    layers: tuple[str, ...] = Field(min_length=1, strict=False,  # a list is welcome
+                                    description="a non-empty list of layer names (see `anoseg backbones --layers NAME`)")
+    image_size: ImageSize = 256
+    head: dict[str, Any]  # {"name": ..., **settings}
+    batch_size: BatchSize = 16
+    seed: Seed = 0
+    device: Device = "auto"
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layers(cls, value: Any) -> Any:
+        """One layer name or a list of them."""
+        return (value,) if isinstance(value, str) else value
+
+    @field_validator("head", mode="before")
+    @classmethod
+    def _head(cls, value: Any) -> dict[str, Any]:
+        """A head name or {name: ..., **settings}."""
+        if isinstance(value, str):
+            value = {"name": value}
+        if not isinstance(value, Mapping) or not isinstance(value.get("name"), str):
+            raise FieldError(f"must be a head name or a mapping with a name, e.g. {{name: patchcore, "
+                             f"coreset_ratio: 0.1}}, got {value!r}")
+        return dict(value)
 
     @property
     def head_name(self) -> str:
@@ -40,37 +77,22 @@ class TrialConfig:
         return {k: v for k, v in self.head.items() if k != "name"}
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
+        """The plain dict :meth:`from_dict` reads back (layers as a list)."""
+        out = self.model_dump()
         out["layers"] = list(self.layers)
-        out["head"] = dict(self.head)
         return out
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any], source: str = "config") -> "TrialConfig":
-        """Validate `raw` (backbone, layers, head and their settings); errors name `source` and the field."""
-        if not isinstance(raw, Mapping):
-            raise ConfigError(f"{source}: expected a mapping with fields {', '.join(TOP_LEVEL_FIELDS)}")
-        unknown = sorted(set(raw) - set(TOP_LEVEL_FIELDS))
-        if unknown:
-            raise ConfigError(f"{source}: unknown field {', '.join(unknown)}; allowed: {', '.join(TOP_LEVEL_FIELDS)}")
-        for required in ("backbone", "layers", "head"):
-            if required not in raw:
-                raise ConfigError(f"{source}: missing field {required!r}")
-        backbone = _backbone(raw["backbone"], source)
-        layers = _layers(raw["layers"], source)
-        head = _head(raw["head"], source)
-        cfg = cls(
-            backbone=backbone,
-            layers=layers,
-            head=head,
-            image_size=_int(raw, "image_size", 256, 32, 4096, source),
-            batch_size=_int(raw, "batch_size", 16, 1, 4096, source),
-            seed=_int(raw, "seed", 0, 0, 2**31 - 1, source),
-            device=str(raw.get("device", "auto")),
-        )
-        if cfg.device not in DEVICES and not cfg.device.startswith("cuda:"):
-            raise ConfigError(f"{source}: device must be one of {', '.join(DEVICES)} or cuda:N, got {cfg.device!r}")
-        cfg.validate(source)
+    def from_dict(cls, raw: Mapping[str, Any], source: str = "config", *,
+                  check_registries: bool = True) -> "TrialConfig":
+        """Validate `raw`; errors name `source` and the field. ``check_registries=False`` checks the structure
+        only and imports nothing heavy (for readers of finished runs)."""
+        try:
+            cfg = cls.model_validate(dict(raw) if isinstance(raw, Mapping) else raw)
+        except ValidationError as exc:
+            raise config_error(exc, source, cls) from None
+        if check_registries:
+            cfg.validate(source)
         return cfg
 
     def validate(self, source: str = "config") -> None:
@@ -86,43 +108,6 @@ class TrialConfig:
             create_head(self.head_name, **self.head_params)
         except AnosegError as exc:
             raise type(exc)(f"{source}: {exc}") from None
-
-
-def _backbone(value: Any, source: str) -> BackboneSpec:
-    if isinstance(value, str):
-        return BackboneSpec(name=value)
-    if not isinstance(value, Mapping) or "name" not in value:
-        raise ConfigError(f"{source}: backbone must be a name or a mapping {{name: ..., weights: offline|hub|none|<file>}}")
-    unknown = sorted(set(value) - {"name", "weights"})
-    if unknown:
-        raise ConfigError(f"{source}: unknown field backbone.{unknown[0]}; allowed: name, weights")
-    weights = value.get("weights", "offline")
-    if weights is None or weights is False:
-        weights = "none"
-    return BackboneSpec(name=str(value["name"]), weights=str(weights))
-
-
-def _layers(value: Any, source: str) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"{source}: layers must be a non-empty list of layer names (see `anoseg backbones --layers NAME`)")
-    return tuple(value)
-
-
-def _head(value: Any, source: str) -> dict[str, Any]:
-    if isinstance(value, str):
-        value = {"name": value}
-    if not isinstance(value, Mapping) or "name" not in value:
-        raise ConfigError(f"{source}: head must be a mapping with a name, e.g. {{name: patchcore, coreset_ratio: 0.1}}")
-    return dict(value)
-
-
-def _int(raw: Mapping[str, Any], key: str, default: int, low: int, high: int, source: str) -> int:
-    value = raw.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(f"{source}: {key} must be an integer in [{low}, {high}], got {value!r}")
-    return value
 
 
 def read_yaml(path: str | Path) -> Any:

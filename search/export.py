@@ -131,7 +131,7 @@ def trial_configuration(run: RunDir, record: Mapping[str, Any]) -> dict[str, Any
     raw = record.get("config")
     if not raw:
         from search.runner import run_space
-        from search.space import trial_config
+        from search.space_optuna import trial_config
 
         raw = trial_config(run_space(run), record.get("params") or {})
     return TrialConfig.from_dict(raw, source=source).to_dict()

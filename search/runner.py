@@ -10,7 +10,8 @@ import yaml
 
 from anoseg.data import resolve_categories
 from search.run_dir import COMPLETED, ERROR, FAILED, LOST, RUNNING, SPACE_FILE, STOPPED, RunDir, RunError, best_trial
-from search.space import SearchSpace, load_space, trial_config, validate_space
+from search.space_optuna import trial_config
+from search.space_schema import SearchSpace, load_space, validate_space
 
 
 def start_search(space_path: str | Path, *, data: str | None = None, name: str | None = None,

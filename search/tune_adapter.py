@@ -36,7 +36,8 @@ from anoseg.files import write_atomic
 from anoseg.result import TrialReport
 from search.run_dir import COMPLETED, ERROR, FAILED, FINISHED, LOST, RUNNING, STOPPED, RunDir, best_trial, \
     record_report
-from search.space import SearchSpace, define_by_run, describe, make_sampler, trial_config
+from search.space_optuna import define_by_run, describe, make_sampler, trial_config
+from search.space_schema import SearchSpace
 
 logger = logging.getLogger(__name__)
 MAX_RETRIES = 3  # per trial, for Ray-level failures (lost worker or node)

@@ -25,7 +25,8 @@ from search.dashboard.figures import (GREY, NA, NO_VALUE, category_heatmap, comp
                                       importance_figure, parallel_figure, pareto_figure)
 from search.dashboard.page import failures_html
 from search.run_dir import RunDir
-from search.space import distributions, layer_choice, validate_space
+from search.space_optuna import distributions, layer_choice
+from search.space_schema import validate_space
 from tests.search_helpers import TINY_SPACE
 
 CATEGORIES = ["brick", "grass", "gravel", "washer"]

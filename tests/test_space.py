@@ -3,9 +3,12 @@ configurations, every sampler builds, and each kind of mistake is a ConfigError 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
+import json
 import pickle
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,19 +18,9 @@ import yaml
 
 from anoseg.config import TrialConfig
 from anoseg.errors import ConfigError
-import search.space as space_module
-from search.space import (
-    SAMPLERS,
-    SearchSpace,
-    define_by_run,
-    distributions,
-    grid_search_space,
-    grid_size,
-    load_space,
-    make_sampler,
-    trial_config,
-    validate_space,
-)
+import search.space_schema as space_module
+from search.space_optuna import define_by_run, distributions, grid_search_space, grid_size, make_sampler, trial_config
+from search.space_schema import SAMPLERS, SearchSpace, load_space, validate_space
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = ROOT / "spaces"
@@ -123,18 +116,18 @@ def test_mvtec_space_validates():
     assert set(space.heads) == set(HEADS), "the full search covers every head"
 
 
-def test_metric_names_match_what_trials_report():
-    from anoseg.trial import COST_KEYS, METRIC_KEYS
-    from search.space import METRICS
+def test_objective_metrics_match_what_trials_report():
+    from anoseg.metrics import COST_METRICS as COST_KEYS, QUALITY_METRICS as METRIC_KEYS
 
-    assert set(METRICS) == set(METRIC_KEYS) | set(COST_KEYS)
+    assert set(space_module.Objective.model_fields["metric"].annotation.__args__) == set(METRIC_KEYS) | set(COST_KEYS)
 
 
-def test_search_space_module_does_not_import_ray():
-    import search.space as module
+def test_search_space_modules_do_not_import_ray():
+    import search.space_optuna
 
-    source = Path(module.__file__).read_text()
-    assert not re.search(r"^\s*(import ray|from ray)", source, re.M)
+    for module in (space_module, search.space_optuna):
+        source = Path(module.__file__).read_text()
+        assert not re.search(r"^\s*(import ray|from ray)", source, re.M)
 
 
 # --------------------------------------------------------------------------- define-by-run + trial_config
@@ -364,6 +357,18 @@ MISTAKES = [
       "allowed: name, seed, multivariate"]),
     ("cmaes option typo", with_change("sampler", {"name": "cmaes", "sigma": 0.5}),
      [r"sampler\.sigma: unknown field 'sigma'", "allowed: name, seed, n_startup_trials, sigma0"]),
+    ("cmaes options Optuna cannot combine", with_change("sampler", {"name": "cmaes", "lr_adapt": True,
+                                                                    "use_separable_cma": True}),
+     [r"sampler\.lr_adapt: lr_adapt cannot be combined with with_margin or use_separable_cma"]),
+    ("grid too large", {**with_change("sampler", {"name": "grid"}), "space": {
+        "backbones": BASE["space"]["backbones"],
+        "heads": {"patchcore": {p: {"type": "int", "low": 1, "high": 1000} for p in ("k", "projection_dim")},
+                  "padim": {"n_features": {"type": "int", "low": 1, "high": 1000}}}}},
+     [r"sampler\.name: the grid has 4000000000 points \(at most 10000000\)"]),
+    ("int range too long for the grid", {**with_change("sampler", {"name": "grid"}), "space": {
+        "backbones": BASE["space"]["backbones"],
+        "heads": {"padim": {"n_features": {"type": "int", "low": 1, "high": 1001}}}}},
+     [r"space\.heads\.padim\.n_features: the grid sampler would enumerate 1001 values \(at most 1000\)"]),
     ("unknown scheduler", with_change("scheduler", {"name": "hyperband"}),
      [r"scheduler\.name: unknown scheduler 'hyperband'; allowed: none, asha"]),
     ("asha grace beyond the categories",
@@ -399,6 +404,7 @@ def test_mistakes_are_config_errors_naming_the_field(tmp_path, description, raw,
         load_space(path)
     message = str(info.value)
     assert message.startswith(f"{path}: "), message
+    assert "\n" not in message and "pydantic" not in message and "Input should" not in message, message
     for pattern in patterns:
         assert re.search(pattern, message), f"{pattern!r} not in {message!r}"
 
@@ -459,8 +465,6 @@ def test_defaults_and_shorthands(tmp_path):
 
 
 def test_anoseg_never_imports_search():
-    import subprocess
-
     code = "import anoseg, anoseg.config, anoseg.heads, anoseg.trial, sys; print('search' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "False"
@@ -478,3 +482,51 @@ def test_max_fidelity_counts_epochs_of_trainable_heads(tmp_path):
     raw["space"]["heads"] = {"padim": {}}
     with pytest.raises(ConfigError, match="largest fidelity here is 2"):
         validate_space(raw, "t.yaml")
+
+
+# --------------------------------------------------------------------------- stored form
+
+
+@pytest.mark.parametrize("raw", [
+    BASE,
+    {**with_change("sampler", {"name": "nsga2", "population_size": 8, "mutation_prob": 0.25}),
+     "objective": ["aupro", {"metric": "ms_per_image"}], "scheduler": "none",
+     "dataset": {"root": "d", "categories": ["b", "a"]}, "resources": {"cpu": 0.5, "gpu": 0.25},
+     "cache": {"path": "/shared/cache", "max_gb": 1.5}, "budget": {"trials": 9, "time_limit_s": 60.5}},
+], ids=["base", "pareto"])
+def test_stored_space_round_trips_exactly(raw):
+    space = validate_space(raw, "t.yaml")
+    stored = space.to_stored()
+    assert json.loads(json.dumps(stored)) == stored  # JSON-serialisable as it is
+    again = SearchSpace.from_stored(json.loads(json.dumps(stored)), "run/space.json")
+    assert again == dataclasses.replace(space, source="run/space.json")
+    assert again.to_stored() == stored
+    assert validate_space(stored, "stored") == dataclasses.replace(space, source="stored")  # a valid space file
+    assert stored["sampler"] == space.sampler and stored["trial"] == {"batch_size": 4, "seed": 0, "device": "auto"}
+    assert stored["space"]["heads"]["patchcore"]["patch_size"] == 3  # a fixed setting as its plain value
+
+
+def test_shipped_spaces_round_trip(quick):
+    for space in (quick, load_space(SPACES / "mvtec.yaml")):
+        stored = json.loads(json.dumps(space.to_stored()))
+        assert SearchSpace.from_stored(stored, space.source) == space
+
+
+def test_from_stored_checks_structure_but_no_registry():
+    stored = validate_space(BASE, "t.yaml").to_stored()
+    stored["space"]["backbones"] = {"gone_backbone": {"weights": "hub", "layers": [["x"]]}}
+    assert set(SearchSpace.from_stored(stored, "s.json").backbones) == {"gone_backbone"}
+    with pytest.raises(ConfigError, match=r"^s\.json: budget\.trials: must be an integer >= 1, got 0$"):
+        SearchSpace.from_stored({**stored, "budget": {"trials": 0}}, "s.json")
+
+
+def test_from_stored_imports_no_torch(tmp_path):
+    stored = tmp_path / "space.json"
+    stored.write_text(json.dumps(validate_space(BASE, "t.yaml").to_stored()))
+    code = (f"import json, sys\n"
+            f"from search.space_schema import SearchSpace\n"
+            f"space = SearchSpace.from_stored(json.loads(open({str(stored)!r}).read()), 'space.json')\n"
+            f"assert space.heads['patchcore']['patch_size'] == {{'type': 'fixed', 'value': 3}}\n"
+            f"heavy = sorted({{'torch', 'timm', 'ray', 'optuna', 'anoseg.backbones', 'anoseg.heads'}} & set(sys.modules))\n"
+            f"assert not heavy, heavy\n")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

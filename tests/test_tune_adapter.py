@@ -5,7 +5,7 @@ import pytest
 
 from search import tune_adapter
 from search.run_dir import RunDir
-from search.space import validate_space
+from search.space_schema import validate_space
 from tests.search_helpers import TINY_SPACE
 
 CATS = ["brick", "grass", "gravel", "washer"]

@@ -20,7 +20,8 @@ import pandas as pd
 
 from anoseg.metrics import CATEGORY_METRICS, COST_METRICS, MEMORY_METRICS, QUALITY_METRICS
 from search.run_dir import COMPLETED, ERROR, FAILED, LOST, RUNNING, STOPPED, RunDir, collate
-from search.space import SearchSpace, distributions, trial_config
+from search.space_optuna import distributions, trial_config
+from search.space_schema import SearchSpace
 
 STATUS_ORDER = (COMPLETED, STOPPED, RUNNING, FAILED, ERROR, LOST)
 FAILED_STATUSES = (FAILED, ERROR, LOST)

@@ -18,7 +18,7 @@ from plotly.subplots import make_subplots
 from search.dashboard.data import (TOP_N, ImportanceSet, RunData, missing, params_of, pareto_mask, prepare,
                                    quality_and_cost, run_importances, space_distributions, top_trials, with_value)
 from search.run_dir import COMPLETED, ERROR, FAILED, LOST, RUNNING, STOPPED
-from search.space import describe, short_value
+from search.space_optuna import describe, short_value
 
 FIGURE_IDS = ("history", "parallel", "importance", "pareto", "heatmap", "comparison")
 STATUS_COLORS = {COMPLETED: "#2c6fbb", STOPPED: "#9e9e9e", RUNNING: "#f0a020", FAILED: "#d62728",

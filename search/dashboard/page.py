@@ -26,7 +26,7 @@ from search.dashboard.data import (FAILED_STATUSES, RunData, error_line, example
                                    missing, params_of, prepare, status_counts, wall_seconds)
 from search.dashboard.figures import FIGURE_IDS, STATUS_COLORS, build_figures
 from search.run_dir import RUNNING, STOPPED, best_trial
-from search.space import describe
+from search.space_optuna import describe
 
 DASHBOARD_FILE = "dashboard.html"
 SECTION_IDS = ("summary", *FIGURE_IDS, "failures", "examples")
