@@ -130,11 +130,10 @@ def trial_configuration(run: RunDir, record: Mapping[str, Any]) -> dict[str, Any
     source = str(run.record_path(record["trial_id"]))
     raw = record.get("config")
     if not raw:
-        from search.runner import run_space
         from search.space_optuna import trial_config
 
-        raw = trial_config(run_space(run), record.get("params") or {})
-    return TrialConfig.from_dict(raw, source=source).to_dict()
+        raw = trial_config(run.space(), record.get("params") or {})
+    return TrialConfig.from_dict(raw, source=source, check_registries=False).to_dict()
 
 
 def _metrics_section(record: Mapping[str, Any], category: str | None = None) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 ```
 results/<name>/
   run.json         data root, category order, objectives, address, times
-  space.yaml       the space file as run
+  space.yaml       the space file as the user wrote it
+  space.json       the space validated and normalised once, at the start: what every reader loads
   optuna.db        the Optuna study (unless the space names another storage)
   tune/            Ray Tune's experiment (restored by `resume`)
   trials/<id>.json one record per trial, rewritten as it progresses (atomic)
@@ -26,9 +27,11 @@ from anoseg.errors import AnosegError
 from anoseg.files import write_atomic, write_json_atomic
 from anoseg.metrics import CATEGORY_METRICS, MEMORY_METRICS
 from anoseg.result import TrialReport
+from search.space_schema import SearchSpace, load_space
 
 RUN_FILE = "run.json"
 SPACE_FILE = "space.yaml"
+STORED_SPACE_FILE = "space.json"
 TRIALS_DIR = "trials"
 CHECKPOINTS_DIR = "checkpoints"
 TABLE_FILE = "trials.parquet"
@@ -74,6 +77,21 @@ class RunDir:
 
     def update_meta(self, **changes: Any) -> None:
         self.write_meta({**self.read_meta(), **changes})
+
+    def write_space(self, space: SearchSpace) -> None:
+        """Store the validated space, normalised, for every later reader (resume, status, export, dashboard)."""
+        write_json_atomic(self.path / STORED_SPACE_FILE, space.to_stored())
+
+    def space(self) -> SearchSpace:
+        """The space the run was started with, as validated then: no registry check, no torch. A run folder
+        from before space.json existed is validated from its space.yaml instead."""
+        stored = self.path / STORED_SPACE_FILE
+        if stored.is_file():
+            return SearchSpace.from_stored(json.loads(stored.read_text()), source=str(stored))
+        path = self.path / SPACE_FILE
+        if not path.is_file():
+            raise RunError(f"{path} is missing (and so is {STORED_SPACE_FILE}); the run folder is incomplete")
+        return load_space(path)
 
     def checkpoint_path(self, trial_id: str) -> Path:
         """Where a trainable head's trial keeps its state between epochs (see search.tune_adapter)."""

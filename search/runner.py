@@ -8,15 +8,16 @@ from typing import Any
 
 import yaml
 
-from anoseg.data import resolve_categories
 from search.run_dir import COMPLETED, ERROR, FAILED, LOST, RUNNING, SPACE_FILE, STOPPED, RunDir, RunError, best_trial
 from search.space_optuna import trial_config
-from search.space_schema import SearchSpace, load_space, validate_space
+from search.space_schema import SearchSpace, load_space
 
 
 def start_search(space_path: str | Path, *, data: str | None = None, name: str | None = None,
                  results: str | Path = "results", address: str | None = None) -> RunDir:
     """Validate everything, create results/<name>/, run the search to the end; returns the run folder."""
+    from anoseg.data import resolve_categories
+
     space = load_space(space_path)
     data_root = Path(data or space.data_root).resolve()
     categories = resolve_categories(data_root, space.categories)  # fixed fidelity order for this search
@@ -26,6 +27,7 @@ def start_search(space_path: str | Path, *, data: str | None = None, name: str |
                        f"or pick another --name")
     run.path.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(space_path, run.path / SPACE_FILE)
+    run.write_space(space)
     meta = {
         "name": run.path.name,
         "run_path": str(run.path.resolve()),
@@ -50,17 +52,9 @@ def resume_search(run_path: str | Path, *, address: str | None = None) -> RunDir
     """Continue a killed or interrupted search: finished trials are kept, unfinished ones re-run."""
     run = RunDir.open(run_path)
     meta = run.read_meta()
-    space = run_space(run)
+    space = run.space()
     _fit(space, run, meta, address if address is not None else meta.get("address"), resume=True)
     return run
-
-
-def run_space(run: RunDir) -> SearchSpace:
-    """The space exactly as the run was started with (the run folder's copy)."""
-    path = run.path / SPACE_FILE
-    if not path.is_file():
-        raise RunError(f"{path} is missing; the run folder is incomplete")
-    return validate_space(yaml.safe_load(path.read_text()), source=str(path))
 
 
 def _fit(space: SearchSpace, run: RunDir, meta: dict[str, Any], address: str | None, resume: bool) -> None:
@@ -91,7 +85,7 @@ def summary(run: RunDir) -> str:
     meta = run.read_meta()
     df = run.table()
     counts = status_counts(run)
-    space = run_space(run)
+    space = run.space()
     objective = meta["objectives"][0]
     trials = len(df) - counts.get(LOST, 0)
     lost = f" ({counts[LOST]} lost to a driver crash and re-sampled)" if counts.get(LOST) else ""

@@ -90,6 +90,7 @@ def make_run(root: Path, data_root: str | Path = "/nonexistent/data", *, complet
     space = _space_dict(str(data_root))
     (path / "space.yaml").write_text(yaml.safe_dump(space, sort_keys=False))
     run = RunDir(path)
+    run.write_space(validate_space(space, "synth.yaml"))
     meta = {"name": name, "run_path": str(path.resolve()), "space_source": "synth.yaml", "data_root": str(data_root),
             "categories": CATEGORIES, "objectives": [{"metric": "aupro", "mode": "max"}],
             "study_name": f"{name}-20260101-000000", "storage": run.study_url, "address": None,
@@ -330,14 +331,6 @@ def test_dashboard_and_examples_import_without_the_model_stack():
     assert _heavy_imports("import search.dashboard, search.examples") == []
 
 
-def test_dashboard_without_examples_needs_the_model_stack_only_to_read_the_space(run_path, tmp_path):
-    code = ("import search.dashboard as d, search.dashboard.data as data\n"
-            "data.run_space = lambda run: None\n"
-            f"d.write_dashboard({str(run_path)!r}, {str(tmp_path / 'd.html')!r}, examples=0)")
-    assert _heavy_imports(code) == []
-
-
-@pytest.mark.xfail(strict=False, reason="run_space still validates through the registries")
 def test_dashboard_without_examples_imports_no_model_stack(run_path, tmp_path):
     code = f"import search.dashboard as d; d.write_dashboard({str(run_path)!r}, {str(tmp_path / 'd.html')!r}, examples=0)"
     assert _heavy_imports(code) == []

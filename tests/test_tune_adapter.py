@@ -86,13 +86,14 @@ def test_recorder_keeps_finished_records_and_marks_lost_ones(tmp_path):
 
     epochs = FakeTrial("epochs", {"backbone": "resnet18", "head": "stfpm"})  # a trainable head: every category per epoch
     recorder.on_trial_start(0, [], epochs)
-    recorder.on_trial_result(0, [], epochs, {"brick/aupro": 0.8, "grass/aupro": 0.6, "aupro": 0.7, "categories_done": 4,
+    every = {f"{c}/aupro": 0.8 - 0.1 * i for i, c in enumerate(CATS)}
+    recorder.on_trial_result(0, [], epochs, {**every, "aupro": 0.65, "categories_done": 4,
                                              "fidelity": 2, "fidelity_total": 2, "fidelity_unit": "epochs",
                                              "resumed_from": 1})
     recorder.on_trial_complete(0, [], epochs)
     done = run.read_record("epochs")
     assert done["status"] == "completed" and done["stop_reason"] == "trained 2 epochs"
-    assert done["per_category"] == {"brick": {"aupro": 0.8}, "grass": {"aupro": 0.6}}
+    assert done["per_category"] == {c: {"aupro": 0.8 - 0.1 * i} for i, c in enumerate(CATS)}
     assert done["resumed_from_epoch"] == 1 and done["categories_done"] == 4
 
     recorder.on_trial_start(0, [], FakeTrial("orphan", {}))

@@ -3,7 +3,7 @@
 :func:`load_run` reads run.json, the trial records and the search space once into a
 :class:`RunData`; the rest derives what the page needs from it (trial table, status counts, top
 trials, the Pareto front, wall time, the Optuna study and its parameter importances).
-:func:`run_space` is the one place the space is read.
+The space is the run folder's stored copy (:meth:`search.run_dir.RunDir.space`).
 """
 from __future__ import annotations
 
@@ -73,13 +73,6 @@ class RunData:
         return None
 
 
-def run_space(run: RunDir) -> SearchSpace:
-    """The space the run was started with (the dashboard reads it only through here)."""
-    from search.runner import run_space as read_space  # validates through the registries: loads torch
-
-    return read_space(run)
-
-
 def load_run(run_path: str | Path) -> RunData:
     """Read a run folder (tolerates a search still writing it)."""
     run = RunDir.open(run_path)
@@ -87,7 +80,7 @@ def load_run(run_path: str | Path) -> RunData:
     records = run.records()
     data = RunData(path=run.path, meta=meta, records=records, df=prepare(collate(records, meta)))
     try:
-        data.space = run_space(run)
+        data.space = run.space()
     except Exception as exc:  # noqa: BLE001 - the dashboard still renders without the space
         data.space_error = f"{type(exc).__name__}: {exc}"
     return data
