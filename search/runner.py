@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from anoseg.metrics import QUALITY_METRICS
 from search.run_dir import COMPLETED, ERROR, FAILED, LOST, RUNNING, SPACE_FILE, STOPPED, RunDir, RunError, best_trial
 from search.space_optuna import trial_config
 from search.space_schema import SearchSpace, load_space
@@ -103,7 +104,7 @@ def summary(run: RunDir) -> str:
         lines.append("no trial has finished every category yet")
     else:
         cfg = trial_config(space, run.read_record(best["trial_id"])["params"])
-        metric_text = ", ".join(f"{k} {best[k]:.4f}" for k in ("image_auroc", "pixel_auroc", "aupro", "pixel_f1_max") if best.get(k) is not None)
+        metric_text = ", ".join(f"{k} {best[k]:.4f}" for k in QUALITY_METRICS if best.get(k) is not None)
         lines.append(f"best trial {best['trial_id']} by {objective['metric']} ({objective['mode']}): {metric_text}, "
                      f"fit {best['fit_seconds']:.2f} s, {best['ms_per_image']:.1f} ms/image")
         lines.append("  " + yaml.safe_dump(cfg, sort_keys=False, default_flow_style=True).strip())
