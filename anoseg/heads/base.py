@@ -1,4 +1,4 @@
-"""The head protocol, the head registry and the map post-processing every head shares.
+"""The head protocol, the settings check and the head registry.
 
 A head is a scikit-learn style estimator: its constructor stores the settings exactly as given;
 `constraints` declares what each setting allows and `_validate_params()` checks them (at
