@@ -13,6 +13,8 @@ path itself is :mod:`anoseg.pipeline`; this module decides the order and when to
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import resource
 import sys
 from pathlib import Path
@@ -20,7 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from anoseg.backbones import create_backbone
+from anoseg.backbones import backbone_layers, create_backbone
 from anoseg.cache import FeatureCache
 from anoseg.config import TrialConfig
 from anoseg.data import resolve_categories
@@ -41,6 +43,22 @@ def peak_memory_mb(device: torch.device) -> dict[str, float | None]:
     rss_mb = rss_kb / 1024 if sys.platform != "darwin" else rss_kb / 2**20
     gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return {"peak_rss_mb": round(rss_mb, 1), "peak_gpu_mb": None if gpu is None else round(gpu, 1)}
+
+
+def effective_config(config: TrialConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """The configuration as it would run: the head's settings with their defaults, clamped to the selected
+    layers' channels and with the settings it would ignore at their defaults (see `effective_params`).
+    Two configurations with the same effective form give the same results."""
+    cfg = config if isinstance(config, TrialConfig) else TrialConfig.from_dict(config)
+    channels = {info.name: info.channels for info in backbone_layers(cfg.backbone.name)}
+    head = HEADS[cfg.head_name].effective_params(cfg.head_params, sum(channels[layer] for layer in cfg.layers))
+    return {**cfg.to_dict(), "head": {"name": cfg.head_name, **head}}
+
+
+def config_key(effective: Mapping[str, Any]) -> str:
+    """A short digest of an effective configuration (equal configurations, equal keys)."""
+    text = json.dumps(effective, sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
 def run_trial(

@@ -135,11 +135,22 @@ class RunDir:
             changes.update(fidelity_total=report.fidelity_total, fidelity_unit=report.fidelity_unit)
         if report.resumed_from:  # a trainable head's trial continued from its checkpoint
             changes["resumed_from_epoch"] = report.resumed_from
+        for key in ("effective_key", "duplicate_of"):
+            if result.get(key):
+                changes[key] = result[key]
         if result.get("trial_error"):
             changes.update(status=FAILED, error=result["trial_error"], stop_reason="raised an error", ended=time.time())
         if result.get("trial_config"):
             changes["config"] = json.loads(result["trial_config"])
         return self.update_record(trial_id, **changes)
+
+    def completed_record(self, effective_key: str) -> dict[str, Any] | None:
+        """The first completed trial (not itself a duplicate) that ran this effective configuration, or None."""
+        for record in self.records():
+            if (record.get("status") == COMPLETED and record.get("effective_key") == effective_key
+                    and not record.get("duplicate_of")):
+                return record
+        return None
 
     # --- collation -------------------------------------------------------------------
     def table(self) -> pd.DataFrame:
@@ -162,6 +173,7 @@ def collate(records: Iterable[Mapping[str, Any]], meta: Mapping[str, Any]) -> pd
             "trial_id": rec["trial_id"],
             "status": rec.get("status"),
             "stop_reason": rec.get("stop_reason"),
+            "duplicate_of": rec.get("duplicate_of"),
             "error": rec.get("error"),
             "categories_done": rec.get("categories_done", rec.get("step", 0)),
             "fidelity": f"{rec.get('step', 0)}/{rec.get('fidelity_total') or len(categories)} "
@@ -176,7 +188,7 @@ def collate(records: Iterable[Mapping[str, Any]], meta: Mapping[str, Any]) -> pd
             for key in CATEGORY_METRICS:
                 row[f"{cat}/{key}"] = rec.get("per_category", {}).get(cat, {}).get(key)
         rows.append(row)
-    columns = ["trial_id", "status", "stop_reason", "error", "categories_done", "fidelity", "started", "ended", "wall_seconds",
+    columns = ["trial_id", "status", "stop_reason", "duplicate_of", "error", "categories_done", "fidelity", "started", "ended", "wall_seconds",
                *REPORT_KEYS]
     df = pd.DataFrame(rows)
     return df if not df.empty else pd.DataFrame(columns=columns)

@@ -90,9 +90,12 @@ def summary(run: RunDir) -> str:
     objective = meta["objectives"][0]
     trials = len(df) - counts.get(LOST, 0)
     lost = f" ({counts[LOST]} lost to a driver crash and re-sampled)" if counts.get(LOST) else ""
+    duplicates = int(df["duplicate_of"].notna().sum()) if "duplicate_of" in df else 0
     lines = [
         f"run {run.path} ({meta.get('status')}): {trials} trials of {space.budget['trials']}, "
-        + ", ".join(f"{counts.get(s, 0)} {s}" for s in (COMPLETED, STOPPED, RUNNING, FAILED, ERROR)) + lost,
+        + ", ".join(f"{counts.get(s, 0)} {s}" for s in (COMPLETED, STOPPED, RUNNING, FAILED, ERROR)) + lost
+        + f"; {duplicates} of the completed were duplicates (an effective configuration already run, answered "
+          f"from its record), {counts.get(STOPPED, 0)} stopped early by ASHA",
         f"data {meta['data_root']} categories {', '.join(meta['categories'])}",
     ]
     if meta.get("wall_seconds"):
@@ -103,6 +106,7 @@ def summary(run: RunDir) -> str:
     if best is None:
         lines.append("no trial has finished every category yet")
     else:
+        lines.append(spread_line(df, objective["metric"], objective["mode"]))
         cfg = trial_config(space, run.read_record(best["trial_id"])["params"])
         metric_text = ", ".join(f"{k} {best[k]:.4f}" for k in QUALITY_METRICS if best.get(k) is not None)
         lines.append(f"best trial {best['trial_id']} by {objective['metric']} ({objective['mode']}): {metric_text}, "
@@ -112,3 +116,11 @@ def summary(run: RunDir) -> str:
     return "\n".join(lines)
 
 
+def spread_line(df: Any, metric: str, mode: str) -> str:
+    """Best, median and worst `metric` of the completed trials (duplicates counted once)."""
+    done = df[(df["status"] == COMPLETED) & df[metric].notna()]
+    if "duplicate_of" in done:
+        done = done[done["duplicate_of"].isna()]
+    values = done[metric].sort_values(ascending=mode == "min")
+    return (f"{metric} over {len(values)} distinct completed trials: best {values.iloc[0]:.4f}, "
+            f"median {values.median():.4f}, worst {values.iloc[-1]:.4f}")

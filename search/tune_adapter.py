@@ -48,23 +48,29 @@ def run_trainable(params: dict[str, Any], *, space: SearchSpace, data_root: str,
                   run_path: str, cache_dir: str | None) -> None:
     """Tune function trainable: one anoseg trial, reporting after each category."""
     from anoseg.cache import FeatureCache
-    from anoseg.trial import run_trial  # heavy; imported once per (reused) worker
+    from anoseg.trial import config_key, effective_config, run_trial  # heavy; imported once per (reused) worker
 
-    record = RunDir(Path(run_path)).read_record(tune.get_context().get_trial_id())
+    run = RunDir(Path(run_path))
+    record = run.read_record(tune.get_context().get_trial_id())
     if record and record.get("status") in FINISHED:
         return replay(record, space)
 
-    state: dict[str, Any] = {"in_report": False, "done": 0, "config": ""}
+    state: dict[str, Any] = {"in_report": False, "done": 0, "config": "", "key": ""}
 
-    def report(trial_report: TrialReport) -> None:
+    def report(trial_report: TrialReport, **extra: Any) -> None:
         state["in_report"], state["done"] = True, trial_report.fidelity
-        tune.report({**trial_report.to_flat(), "trial_error": "", "trial_config": state["config"]})
+        tune.report({**trial_report.to_flat(), "trial_error": "", "trial_config": state["config"],
+                     "effective_key": state["key"], **extra})
         state["in_report"] = False
 
-    checkpoint_path = RunDir(Path(run_path)).checkpoint_path(tune.get_context().get_trial_id())
+    checkpoint_path = run.checkpoint_path(tune.get_context().get_trial_id())
     try:
         cfg = trial_config(space, params)
         state["config"] = json.dumps(cfg)  # a string: Tune's loggers only take scalars
+        state["key"] = config_key(effective_config(cfg))
+        original = run.completed_record(state["key"])
+        if original is not None:  # the same effective configuration has finished: answer from its record
+            return report(record_report(original), duplicate_of=original["trial_id"])
         cache = FeatureCache(cache_dir, max_bytes=int(space.cache["max_gb"] * 2**30))
         run_trial(cfg, data_root, categories, report, cache=cache,
                   checkpoint=lambda trial_state: save_checkpoint(checkpoint_path, trial_state),
@@ -194,7 +200,11 @@ class RunRecorder(tune.Callback):
         if record.get("status") not in FINISHED:
             step, total = int(record.get("step") or 0), int(record.get("fidelity_total") or 0)
             unit = record.get("fidelity_unit") or "categories"
-            if total and step >= total:
+            if record.get("duplicate_of"):
+                self.run.update_record(trial.trial_id, status=COMPLETED, ended=time.time(),
+                                       stop_reason=f"duplicate of {record['duplicate_of']}: the same effective "
+                                                   "configuration, answered from its record")
+            elif total and step >= total:
                 reason = "evaluated every category" if unit == "categories" else f"trained {total} epochs"
                 self.run.update_record(trial.trial_id, status=COMPLETED, stop_reason=reason, ended=time.time())
             else:
@@ -226,6 +236,8 @@ class RunRecorder(tune.Callback):
         what = f"{self.metric} {value:.4f}" if isinstance(value, float) and rec.get("status") == COMPLETED else rec.get("stop_reason", "")
         if rec.get("status") in (FAILED, ERROR):
             what = f"failed: {str(rec.get('error'))[:120]}"
+        elif rec.get("duplicate_of"):
+            what += f" (duplicate of {rec['duplicate_of']})"
         best = best_trial(df, self.metric, self.mode)
         best_text = f" | best {best[self.metric]:.4f} ({best['trial_id']})" if best is not None else ""
         print(f"[{done}/{self.budget}] {trial_id} {rec.get('status')}: {what} | {describe(rec.get('params', {}))}{best_text}",

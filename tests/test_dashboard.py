@@ -342,3 +342,13 @@ def test_cli_entry(run_path, tmp_path):
     out = tmp_path / "cli.html"
     assert main(["dashboard", str(run_path), "--out", str(out), "--examples", "0"]) == 0
     assert out.is_file() and "<section id='history'>" in out.read_text()
+
+
+def test_duplicates_are_marked(run_path):
+    run = RunDir(run_path)
+    run.update_record("c0000001", duplicate_of="c0000000")
+    page = write_dashboard(run_path, examples=0).read_text()
+    assert "1 duplicate: an effective configuration already run" in page
+    assert "duplicate of c0000000" in page and "duplicate (answered from a record)" in page
+    fresh = write_dashboard(make_run(run_path.parent, name="plain"), examples=0).read_text()
+    assert "duplicate of c" not in fresh and "already run, answered from its record" not in fresh

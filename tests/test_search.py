@@ -94,3 +94,40 @@ def test_killed_search_resumes_without_losing_or_repeating_trials(synthetic_root
     # the 8 trials complete; a trial Optuna handed out after the last saved state is failed, never left running
     assert states["COMPLETE"] == 8 and set(states) <= {"COMPLETE", "FAIL"}
     assert "8 trials of 8" in resumed.stdout
+
+
+def test_same_effective_configuration_is_computed_once(synthetic_root, tmp_path):
+    """resnet18's layer1 has 64 channels: PaDiM with n_features 64, 100 or 128 runs the same configuration."""
+    space = {"backbones": {"resnet18": {"weights": "none", "layers": [["layer1"]]}},
+             "heads": {"padim": {"n_features": {"type": "categorical", "choices": [64, 100, 128]}}}}
+    path = write_space(tmp_path, space=space, sampler={"name": "grid", "seed": 0}, scheduler={"name": "none"},
+                       budget={"trials": 3, "max_concurrent": 1})
+    run = start_search(path, data=str(synthetic_root), results=tmp_path / "results")
+    records = sorted(read_records(run.path).values(), key=lambda r: r["started"])
+    assert [r["status"] for r in records] == ["completed"] * 3
+    first, *rest = records
+    assert "duplicate_of" not in first and len({r["effective_key"] for r in records}) == 1
+    assert sorted(r["params"]["padim.n_features"] for r in records) == [64, 100, 128]
+    for dup in rest:  # answered from the first trial's record, not recomputed
+        assert dup["duplicate_of"] == first["trial_id"] and dup["stop_reason"].startswith("duplicate of")
+        assert dup["per_category"] == first["per_category"] and dup["metrics"]["aupro"] == first["metrics"]["aupro"]
+    # Optuna still receives every value, so the sampler is not misled
+    values = [t.value for t in study_of(run).trials]
+    assert len(values) == 3 and len(set(values)) == 1 and values[0] == first["metrics"]["aupro"]
+    df = pd.read_parquet(run.path / "trials.parquet")
+    assert df["duplicate_of"].notna().sum() == 2
+    assert "2 of the completed were duplicates" in summary(run)
+
+
+def test_effective_configuration_clamps_and_ignores_what_the_head_would():
+    from anoseg.trial import config_key, effective_config
+
+    base = {"backbone": {"name": "resnet18", "weights": "none"}, "layers": ["layer1"], "image_size": 64}
+    key = lambda head: config_key(effective_config({**base, "head": head}))  # noqa: E731
+    assert key({"name": "padim", "n_features": 64}) == key({"name": "padim", "n_features": 128, "seed": 3})
+    assert key({"name": "padim", "n_features": 32}) != key({"name": "padim", "n_features": 33})
+    assert key({"name": "padim"}) == key({"name": "padim", "n_features": 100, "epsilon": 0.01})
+    assert key({"name": "stfpm", "holdout": 0.3}) == key({"name": "stfpm"})
+    assert key({"name": "stfpm", "holdout": 0.3, "discrepancy_scaling": True}) != key(
+        {"name": "stfpm", "discrepancy_scaling": True})
+    assert key({"name": "patchcore", "projection_dim": 64}) == key({"name": "patchcore"})  # 64 channels: no projection

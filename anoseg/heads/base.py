@@ -67,6 +67,14 @@ class HeadBase(ABC):
         forward(images (N, 3, S, S) in [0, 1], layer maps {layer: (N, C, h, w)}) -> (patch maps
         (N, h', w'), image scores (N,) or None), as the head scores the selected `layers`."""
 
+    @classmethod
+    def effective_params(cls, params: Mapping[str, Any], n_channels: int) -> dict[str, Any]:
+        """The settings as the head would run them on `n_channels` combined channels: every setting, defaults
+        filled in; a head clamps what it would clamp and puts settings it would ignore at their defaults,
+        so two settings with the same effective form give the same results (the search answers the second
+        from the first)."""
+        return {**head_defaults(cls.name), **params}
+
     def get_params(self) -> dict[str, Any]:
         """The constructor settings, as given."""
         return {p: getattr(self, p) for p in inspect.signature(type(self).__init__).parameters if p != "self"}

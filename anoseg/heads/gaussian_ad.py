@@ -47,12 +47,12 @@ as in the paper.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
 from anoseg.errors import ConfigError
-from anoseg.heads.base import SEED, Head, is_int, is_number, register_head
+from anoseg.heads.base import SEED, Head, head_defaults, is_int, is_number, register_head
 
 MAX_FEATURES = 1024  # channel cap when n_features is None
 POOLS = ("mean", "max")
@@ -148,6 +148,15 @@ class GaussianAD(Head):
         self.n_features = n_features
         self.pool = pool
         self.seed = seed
+
+    @classmethod
+    def effective_params(cls, params: Mapping[str, Any], n_channels: int) -> dict[str, Any]:
+        """n_features (None: up to MAX_FEATURES) is capped at the channels there are; all of them is None,
+        and then the seed picks nothing."""
+        out = super().effective_params(params, n_channels)
+        if min(out["n_features"] or MAX_FEATURES, n_channels) >= n_channels:
+            out.update(n_features=None, seed=head_defaults(cls.name)["seed"])
+        return out
 
     def _select(self, features: torch.Tensor) -> torch.Tensor:
         return features.index_select(1, self.channels_.to(features.device)).float()

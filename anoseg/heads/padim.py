@@ -12,13 +12,13 @@ a batched matmul with L^-1, precomputed in float64 (ONNX has no triangular solve
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from anoseg.errors import ConfigError
-from anoseg.heads.base import SEED, Head, is_int, is_number, register_head
+from anoseg.heads.base import SEED, Head, head_defaults, is_int, is_number, register_head
 
 CHUNK_ELEMENTS = 2 ** 22  # fit: positions per chunk such that its covariances / centred copy stay below this (16 MiB)
 
@@ -48,6 +48,14 @@ class PaDiM(Head):
         self.n_features = n_features
         self.epsilon = epsilon
         self.seed = seed
+
+    @classmethod
+    def effective_params(cls, params: Mapping[str, Any], n_channels: int) -> dict[str, Any]:
+        """n_features is capped at the channels there are; with all of them, the seed picks nothing."""
+        out = super().effective_params(params, n_channels)
+        if out["n_features"] >= n_channels:
+            out.update(n_features=n_channels, seed=head_defaults(cls.name)["seed"])
+        return out
 
     def input_channels(self, n_channels: int) -> torch.Tensor:
         """The random `n_features` of the `n_channels` combined channels (fixed by `seed`)."""

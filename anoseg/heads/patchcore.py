@@ -14,13 +14,13 @@ chunks of 4096 rows).
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from anoseg.errors import ConfigError
-from anoseg.heads.base import SEED, Head, is_int, is_number, register_head
+from anoseg.heads.base import SEED, Head, head_defaults, is_int, is_number, register_head
 
 CHUNK = 4096  # rows per distance block: bounds memory at CHUNK x bank size
 
@@ -115,6 +115,14 @@ class PatchCore(Head):
         self.patch_size = patch_size
         self.projection_dim = projection_dim
         self.seed = seed
+
+    @classmethod
+    def effective_params(cls, params: Mapping[str, Any], n_channels: int) -> dict[str, Any]:
+        """Patches no wider than projection_dim are not projected: projection_dim does not matter then."""
+        out = super().effective_params(params, n_channels)
+        if n_channels <= out["projection_dim"]:
+            out["projection_dim"] = head_defaults(cls.name)["projection_dim"]
+        return out
 
     @staticmethod
     def _patches(features: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from anoseg.errors import ConfigError
-from anoseg.heads.base import SEED, TrainableHead, is_int, is_number, register_head
+from anoseg.heads.base import SEED, TrainableHead, head_defaults, is_int, is_number, register_head
 
 DEFAULT_LR = {"sgd": 0.4, "adam": 1e-3}
 STD_FLOOR = 0.1  # discrepancy std floor, as a share of the layer's mean std
@@ -96,6 +96,16 @@ class STFPM(TrainableHead):
             layer_weights, discrepancy_scaling, holdout, seed)
 
     # ------------------------------------------------------------------ set-up
+    @classmethod
+    def effective_params(cls, params: Mapping[str, Any], n_channels: int) -> dict[str, Any]:
+        """lr null is the optimizer's usual rate; holdout matters only with discrepancy scaling."""
+        out = super().effective_params(params, n_channels)
+        if out["lr"] is None:
+            out["lr"] = DEFAULT_LR.get(out["optimizer"])
+        if not out["discrepancy_scaling"]:
+            out["holdout"] = head_defaults(cls.name)["holdout"]
+        return out
+
     def setup(self, backbone: torch.nn.Module, device: torch.device | str) -> STFPM:
         from anoseg.backbones import create_backbone
 

@@ -53,6 +53,12 @@ def note_figure(text: str, title: str = "", height: int = 220) -> go.Figure:
     return fig
 
 
+def duplicate_note(row: Any) -> str:
+    """", duplicate of <trial>" for a trial answered from another's record."""
+    original = row.get("duplicate_of")
+    return f"<br>duplicate of {original}: same effective configuration" if isinstance(original, str) and original else ""
+
+
 def history_figure(df: pd.DataFrame, metric: str = "aupro", mode: str = "max") -> go.Figure:
     """The objective of every finished trial in start order, with the best completed trial so far."""
     df = prepare(df)
@@ -82,9 +88,16 @@ def history_figure(df: pd.DataFrame, metric: str = "aupro", mode: str = "max") -
         fig.add_trace(go.Scatter(
             x=done["number"], y=done[metric], mode="markers", name="completed",
             marker={"color": STATUS_COLORS[COMPLETED], "size": 9},
-            customdata=np.stack([done["trial_id"], [describe(params_of(r)) for _, r in done.iterrows()]], axis=1),
+            customdata=np.stack([done["trial_id"], [describe(params_of(r)) + duplicate_note(r) for _, r in done.iterrows()]],
+                                axis=1),
             hovertemplate=f"trial %{{customdata[0]}} (#%{{x}})<br>{metric} %{{y:.4f}}<br>%{{customdata[1]}}<extra></extra>",
         ))
+        duplicates = done[done["duplicate_of"].notna()] if "duplicate_of" in done else done.iloc[0:0]
+        if not duplicates.empty:
+            fig.add_trace(go.Scatter(
+                x=duplicates["number"], y=duplicates[metric], mode="markers", name="duplicate (answered from a record)",
+                marker={"color": "white", "size": 5, "symbol": "x-thin", "line": {"color": "white", "width": 2}},
+                hoverinfo="skip"))
         values = done[metric].to_numpy(dtype=float)
         best = np.maximum.accumulate(values) if mode == "max" else np.minimum.accumulate(values)
         xs = [*done["number"].tolist(), int(df["number"].max())]

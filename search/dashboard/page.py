@@ -69,6 +69,13 @@ def metrics_table(record: Mapping[str, Any], categories: Sequence[str]) -> str:
     return f"<table class='grid'><thead><tr><th>category</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
+def duplicates_text(df: pd.DataFrame) -> str:
+    """How many completed trials repeated an effective configuration already run (answered from its record)."""
+    n = int(df["duplicate_of"].notna().sum()) if "duplicate_of" in df else 0
+    return (f" <span class='muted'>({n} duplicate{'s' if n != 1 else ''}: an effective configuration already "
+            "run, answered from its record, not recomputed)</span>") if n else ""
+
+
 def summary_html(data: RunData, now: float | None = None) -> str:
     """Run facts, trials by status, the best trial with its configuration and metrics."""
     meta, df = data.meta, data.df
@@ -83,7 +90,7 @@ def summary_html(data: RunData, now: float | None = None) -> str:
         ("data root", _e(meta.get("data_root", "?"))),
         ("categories", " → ".join(_e(c) for c in data.categories) + " <span class='muted'>(fidelity order)</span>"),
         ("objectives", _e(objectives)),
-        ("trials", f"{len(df)}{f' of {budget}' if budget else ''} &nbsp; {badges}"),
+        ("trials", f"{len(df)}{f' of {budget}' if budget else ''} &nbsp; {badges}" + duplicates_text(df)),
         ("wall time", _duration(wall_seconds(meta, now)) + (" (still running)" if meta.get("status") == "running" else "")),
     ]
     if data.space is not None:
