@@ -19,6 +19,7 @@ is not counted.
 """
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from contextlib import contextmanager
@@ -180,15 +181,28 @@ class FeatureSource:
 # --------------------------------------------------------------------------- feature heads
 
 
-def evaluate_category(head: Head, source: FeatureSource, data_root: str | Path, category: str) -> dict[str, float]:
-    """Fit a feature head on one category's training images and evaluate it on its test images."""
+def training_subset(n_train: int, share: float, seed: int) -> torch.Tensor | None:
+    """The training images a fit at `share` uses: the first ceil(share * n) of a seeded permutation, in
+    order (nested: a larger share holds a smaller one's); None for all of them."""
+    if share >= 1:
+        return None
+    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))
+    return order[:max(2, math.ceil(share * n_train))].sort().values
+
+
+def evaluate_category(head: Head, source: FeatureSource, data_root: str | Path, category: str,
+                      train_share: float = 1.0) -> dict[str, float]:
+    """Fit a feature head on one category's training images (or a share of them) and evaluate it on its
+    test images."""
     cfg, device = source.cfg, source.device
     train = source.split(data_root, category, "train", lambda: load_train(data_root, category, cfg.image_size))
+    subset = training_subset(len(train), train_share, cfg.seed)
+    n_used = len(train) if subset is None else len(subset)
     synchronize(device)
     start = time.perf_counter()
-    fit_feature_head(head, train.batches(cfg.batch_size), cfg.layers, device)
+    fit_feature_head(head, train.batches(cfg.batch_size, subset), cfg.layers, device)
     synchronize(device)
-    fit_seconds = train.seconds_per_image * len(train) + time.perf_counter() - start
+    fit_seconds = train.seconds_per_image * n_used + time.perf_counter() - start
     del train
 
     test = load_test(data_root, category, cfg.image_size, with_images=False)

@@ -42,6 +42,7 @@ class TrialReport:
     epoch: int | None = None  # the epoch just trained (epochs unit)
     loss: float | None = None  # its mean training loss over the categories
     resumed_from: int = 0  # the epoch a resumed trial continued from
+    train_share: float = 1.0  # the share of each category's training images the head was fitted on
 
     @property
     def mean(self) -> dict[str, float]:
@@ -56,7 +57,7 @@ class TrialReport:
         flat: dict[str, Any] = {**self.mean, **self.memory}
         flat.update({f"{c}/{k}": v for c, metrics in self.per_category.items() for k, v in metrics.items()})
         flat.update(fidelity=self.fidelity, fidelity_total=self.fidelity_total, fidelity_unit=self.fidelity_unit,
-                    categories_done=self.categories_done, resumed_from=self.resumed_from)
+                    categories_done=self.categories_done, resumed_from=self.resumed_from, train_share=self.train_share)
         for key in ("category", "epoch", "loss"):
             if getattr(self, key) is not None:
                 flat[key] = getattr(self, key)
@@ -76,6 +77,7 @@ class TrialReport:
             fidelity_unit=str(flat.get("fidelity_unit") or CATEGORIES_UNIT),
             memory={k: flat[k] for k in MEMORY_METRICS if k in flat}, category=flat.get("category"),
             epoch=flat.get("epoch"), loss=flat.get("loss"), resumed_from=int(flat.get("resumed_from") or 0),
+            train_share=float(flat.get("train_share") or 1.0),
         )
 
 

@@ -69,9 +69,12 @@ def run_trial(
     cache: FeatureCache | None = None,
     checkpoint: Checkpoint | None = None,
     resume: Mapping[str, Any] | None = None,
+    train_shares: Sequence[float] = (1.0,),
 ) -> TrialResult:
     """Evaluate `config` on each category in order, calling `report(TrialReport)` after every fidelity unit.
 
+    A feature head goes over the categories once per share of the training images in `train_shares`
+    (increasing, ending at 1; a fidelity unit is one category at one share); the result is the last.
     A trainable head also calls `checkpoint(state)` before each report, with a state that
     `resume=state` continues from (a resumed search). `cache` shares backbone features between
     trials (see anoseg.cache); results are the same with and without it.
@@ -89,12 +92,16 @@ def run_trial(
         head = create_head(cfg.head_name, **cfg.head_params)
         last = _train_in_lockstep(head, source, data_root, names, say, checkpoint, resume)
     else:
-        per_category: dict[str, dict[str, float]] = {}
-        for step, category in enumerate(names, start=1):
-            head = create_head(cfg.head_name, **cfg.head_params)
-            per_category[category] = evaluate_category(head, source, data_root, category)
-            last = TrialReport(dict(per_category), step, len(names), memory=peak_memory_mb(device), category=category)
-            say(last)
+        total, step = len(names) * len(train_shares), 0
+        for share in train_shares:
+            per_category: dict[str, dict[str, float]] = {}
+            for category in names:
+                head = create_head(cfg.head_name, **cfg.head_params)
+                per_category[category] = evaluate_category(head, source, data_root, category, share)
+                step += 1
+                last = TrialReport(dict(per_category), step, total, memory=peak_memory_mb(device), category=category,
+                                   train_share=share)
+                say(last)
     return TrialResult(cfg.to_dict(), backbone.weights, backbone.pretrained, last)
 
 

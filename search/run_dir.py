@@ -133,6 +133,8 @@ class RunDir:
         }
         if report.fidelity_total:
             changes.update(fidelity_total=report.fidelity_total, fidelity_unit=report.fidelity_unit)
+        if report.train_share < 1 or record.get("train_share"):
+            changes["train_share"] = report.train_share  # fitted on this share of the training images so far
         if report.resumed_from:  # a trainable head's trial continued from its checkpoint
             changes["resumed_from_epoch"] = report.resumed_from
         for key in ("effective_key", "duplicate_of"):

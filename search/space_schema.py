@@ -60,8 +60,11 @@ Only ``dataset`` (with ``root``), ``objective`` and ``space`` are required; the 
     settings), so with several backbones or heads a configuration recurs for every value of the parameters it
     does not use: size the budget with :func:`search.space_optuna.grid_size` or keep grid spaces to one
     backbone and one head.
-* ``scheduler``: ``{name: none}`` or ``{name: asha, grace_period: 1, reduction_factor: 2, brackets: 1}``. The
-  fidelity unit is one category (a trial reports after each category), so grace_period counts categories;
+* ``scheduler``: ``{name: none}`` or ``{name: asha, grace_period: 1, reduction_factor: 2, brackets: 1,
+  train_shares: [1]}``. The fidelity unit is one category (a trial reports after each category), so grace_period
+  counts categories; with ``train_shares: [0.25, 0.5, 1]`` a feature head's trial goes over every category at
+  25% of its training images, then at 50%, then at 100% (a fixed, nested subset), and the unit is one category at
+  one share (the trial's result is that at 100%);
   a trainable head (stfpm) reports after every epoch with every category evaluated, so for it the unit is
   one epoch. ASHA's max_t is the largest fidelity of the space (:meth:`SearchSpace.max_fidelity`).
   ASHA stops trials on one metric: it needs a single objective.
@@ -421,6 +424,17 @@ class ASHAOptions(Schema):
     grace_period: int = Field(1, ge=1)
     reduction_factor: Number = Field(2, gt=1)
     brackets: int = Field(1, ge=1)
+    train_shares: list[Number] = Field(
+        [1.0], min_length=1, strict=False,
+        description="a list of increasing shares of each category's training images in (0, 1], ending at 1 "
+                    "(e.g. [0.25, 0.5, 1]): feature heads are evaluated on every category at each share in turn")
+
+    @field_validator("train_shares")
+    @classmethod
+    def _increasing_to_one(cls, shares: list[float]) -> list[float]:
+        if any(not 0 < s <= 1 for s in shares) or any(b <= a for a, b in zip(shares, shares[1:])) or shares[-1] != 1:
+            raise FieldError(f"must be increasing shares in (0, 1] ending at 1 (e.g. [0.25, 0.5, 1]), got {shares!r}")
+        return [float(s) for s in shares]
 
 
 #: Sampler name -> its options (with their defaults).
@@ -606,11 +620,17 @@ class SearchSpace:
     def modes(self) -> list[str]:
         return [o.mode for o in self.objectives]
 
+    @property
+    def train_shares(self) -> list[float]:
+        """The shares of the training images a feature head's trial is evaluated at, in turn (ASHA only)."""
+        return list(self.scheduler.get("train_shares") or [1.0])
+
     def max_fidelity(self, n_categories: int) -> int:
-        """The most reports any trial can make: the categories, or a trainable head's largest `epochs`."""
+        """The most reports any trial can make: the categories (at every training share), or a trainable head's
+        largest `epochs`."""
         from anoseg.heads import HEADS, head_defaults
 
-        most = n_categories
+        most = n_categories * len(self.train_shares)
         for head, specs in self.heads.items():
             if getattr(HEADS[head], "trainable", False):
                 spec = specs.get("epochs", {"type": "fixed", "value": head_defaults(head)["epochs"]})

@@ -88,7 +88,8 @@ def test_quick_space_validates(quick):
     assert quick.categories is None and quick.image_size == 128
     assert quick.metric_names() == ["aupro"] and quick.modes() == ["max"] and not quick.multi_objective
     assert quick.sampler["name"] == "tpe" and quick.sampler["group"] is True
-    assert quick.scheduler == {"name": "asha", "grace_period": 1, "reduction_factor": 2, "brackets": 1}
+    assert quick.scheduler == {"name": "asha", "grace_period": 1, "reduction_factor": 2, "brackets": 1,
+                               "train_shares": [1.0]}
     assert quick.budget["trials"] == 20 and quick.budget["max_concurrent"] == 2
     assert quick.resources == {"cpu": 1, "gpu": 0}
     assert set(quick.backbones) == {"tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"}
@@ -375,6 +376,10 @@ MISTAKES = [
      {**with_change("scheduler", {"name": "asha", "grace_period": 3}),
       "dataset": {"root": "d", "categories": ["a", "b"]}},
      [r"scheduler\.grace_period: is 3 but no trial of this space gets that far", "largest fidelity here is 2"]),
+    ("train shares not ending at 1", with_change("scheduler", {"name": "asha", "train_shares": [0.25, 0.5]}),
+     [r"scheduler\.train_shares: must be increasing shares in \(0, 1\] ending at 1"]),
+    ("train shares decreasing", with_change("scheduler", {"name": "asha", "train_shares": [0.5, 0.25, 1]}),
+     [r"scheduler\.train_shares: must be increasing shares"]),
     ("budget.trials < 1", with_change("budget.trials", 0), [r"budget\.trials: must be an integer >= 1, got 0"]),
     ("max_concurrent < 1", with_change("budget.max_concurrent", 0),
      [r"budget\.max_concurrent: must be an integer >= 1, got 0"]),
@@ -530,3 +535,12 @@ def test_from_stored_imports_no_torch(tmp_path):
             f"heavy = sorted({{'torch', 'timm', 'ray', 'optuna', 'anoseg.backbones', 'anoseg.heads'}} & set(sys.modules))\n"
             f"assert not heavy, heavy\n")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_train_shares_multiply_the_fidelity():
+    from search.space_schema import validate_space
+
+    raw = {**BASE, "scheduler": {"name": "asha", "train_shares": [0.25, 0.5, 1]},
+           "dataset": {"root": "d", "categories": ["a", "b"]}}
+    space = validate_space(raw, "shares.yaml")
+    assert space.train_shares == [0.25, 0.5, 1.0] and space.max_fidelity(2) == 6

@@ -44,3 +44,25 @@ def test_run_trial_patchcore_is_deterministic(synthetic_root):
 def test_run_trial_unknown_category_fails_before_work(synthetic_root):
     with pytest.raises(DataError, match="category nope not found"):
         run_trial(RANDOM_INIT, synthetic_root, ["nope"])
+
+
+def test_train_shares_report_every_category_at_every_share_and_end_with_the_full_fit(synthetic_root):
+    calls = []
+    shares = run_trial(RANDOM_INIT, synthetic_root, ["brick", "washer"], train_shares=(0.5, 1.0),
+                       report=lambda r: calls.append(r))
+    assert [(r.fidelity, r.fidelity_total, r.train_share, r.category) for r in calls] == [
+        (1, 4, 0.5, "brick"), (2, 4, 0.5, "washer"), (3, 4, 1.0, "brick"), (4, 4, 1.0, "washer")]
+    half = calls[1].per_category["brick"]
+    assert half["fit_seconds"] < calls[3].per_category["brick"]["fit_seconds"]  # fewer images fitted
+    full = run_trial(RANDOM_INIT, synthetic_root, ["brick", "washer"])
+    for category, metrics in full.per_category.items():
+        for key in METRIC_KEYS:
+            assert shares.per_category[category][key] == metrics[key]
+
+
+def test_training_subsets_are_nested():
+    from anoseg.pipeline import training_subset
+
+    quarter, half = training_subset(40, 0.25, 0), training_subset(40, 0.5, 0)
+    assert len(quarter) == 10 and len(half) == 20 and set(quarter.tolist()) <= set(half.tolist())
+    assert training_subset(40, 1.0, 0) is None
