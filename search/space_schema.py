@@ -73,6 +73,8 @@ Only ``dataset`` (with ``root``), ``objective`` and ``space`` are required; the 
   number).
 * ``storage``: null, or a URL ``sqlite:///file.db``, ``postgresql[+driver]://...``, ``mysql[+driver]://...``.
 * ``cache``: enabled (true), path (a shared folder, or null for the run folder), max_gb (> 0).
+* ``dedup`` (true): a trial whose effective configuration (the head's settings as it would run them: clamped to
+  the layers' channels, ignored ones at their defaults) equals a completed trial's is answered from that record.
 * ``trial``: batch_size, seed, device (auto | cpu | cuda | cuda:N; cuda needs resources.gpu > 0).
 * ``space.backbones``: backbone name (see ``anoseg backbones``) -> ``weights`` and ``layers``, a list of layer
   subsets, each a list of that backbone's layer names (``anoseg backbones --layers NAME``), no subset twice.
@@ -525,6 +527,7 @@ class SpaceFile(Schema):
     resources: Annotated[Resources, BeforeValidator(_or_empty)] = Resources()
     storage: str | None = Field(None, pattern=STORAGE_RE, description=STORAGE_TEXT)
     cache: Annotated[Cache, BeforeValidator(_or_empty)] = Cache()
+    dedup: bool = True
     trial: Annotated[Trial, BeforeValidator(_or_empty)] = Trial()
     space: Space
 
@@ -608,6 +611,7 @@ class SearchSpace:
     heads: dict[str, dict[str, dict[str, Any]]]
     source: str = "space"
     cache: dict[str, Any] = field(default_factory=lambda: Cache().model_dump())
+    dedup: bool = True  # answer a trial whose effective configuration has completed from that record
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -650,6 +654,7 @@ class SearchSpace:
             "resources": self.resources,
             "storage": self.storage,
             "cache": self.cache,
+            "dedup": self.dedup,
             "trial": self.trial,
             "space": {
                 "backbones": self.backbones,
@@ -726,7 +731,7 @@ def _space(raw: Any, source: str) -> SearchSpace:
         backbones={name: entry.model_dump() for name, entry in spec.space.backbones.items()},
         heads={head: {param: s.model_dump() for param, s in specs.items()}
                for head, specs in spec.space.heads.items()},
-        source=source, cache=spec.cache.model_dump(), raw=dict(raw),
+        source=source, cache=spec.cache.model_dump(), dedup=spec.dedup, raw=dict(raw),
     )
 
 

@@ -68,7 +68,7 @@ def run_trainable(params: dict[str, Any], *, space: SearchSpace, data_root: str,
         cfg = trial_config(space, params)
         state["config"] = json.dumps(cfg)  # a string: Tune's loggers only take scalars
         state["key"] = config_key(effective_config(cfg))
-        original = run.completed_record(state["key"])
+        original = run.completed_record(state["key"]) if space.dedup else None
         if original is not None:  # the same effective configuration has finished: answer from its record
             return report(record_report(original), duplicate_of=original["trial_id"])
         cache = FeatureCache(cache_dir, max_bytes=int(space.cache["max_gb"] * 2**30))
