@@ -8,7 +8,7 @@ ANOSEG := $(VENV)/bin/anoseg
 STAMP := $(VENV)/.install-stamp
 DATA ?= results/data/synthetic
 
-.PHONY: install browser demo demo-data evaluate-demo test test-fast clean
+.PHONY: install browser postgres demo demo-data evaluate-demo test test-fast clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,7 +39,15 @@ browser:
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
-test: $(STAMP) browser
+# The storage tests start a throw-away PostgreSQL server from Debian's postgresql package (binaries under
+# /usr/lib/postgresql/<version>/bin; nothing is started here). Without it they are skipped, with the reason.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq postgresql >/dev/null; } || \
+	  echo "make postgres: could not install Debian's postgresql package; the PostgreSQL tests will be skipped"
+
+test: $(STAMP) browser postgres
 	$(PY) -m pytest
 
 test-fast: $(STAMP)

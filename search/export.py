@@ -39,6 +39,7 @@ from anoseg.errors import ConfigError
 from anoseg.exported import write_exported
 from anoseg.metrics import CATEGORY_METRICS, METRIC_NAMES, MODES, metric as metric_info
 from search.run_dir import COMPLETED, RunDir, RunError
+from search.storage import mask
 
 
 @dataclass
@@ -149,7 +150,7 @@ def _provenance(run: RunDir, meta: Mapping[str, Any], now: str) -> dict[str, Any
         "run": meta.get("name", run.path.name),
         "run_path": str(run.path.resolve()),
         "study_name": meta.get("study_name"),
-        "storage": meta.get("storage"),
+        "storage": mask(meta.get("storage")),  # run.json's is masked already; an old run's might not be
         "data_root": meta.get("data_root"),
         "categories": list(meta.get("categories") or []),
         "anoseg_version": anoseg.__version__,

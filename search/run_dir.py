@@ -5,7 +5,9 @@ results/<name>/
   run.json         data root, category order, objectives, address, times
   space.yaml       the space file as the user wrote it
   space.json       the space validated and normalised once, at the start: what every reader loads
-  optuna.db        the Optuna study (unless the space names another storage)
+  optuna.db        the Optuna study in SQLite (storage: sqlite, the default on one machine), or
+  optuna.journal   the study as an Optuna journal (storage: journal, the default on a cluster); neither
+                   when the space names a database server or another file (search.storage)
   tune/            Ray Tune's experiment (restored by `resume`)
   trials/<id>.json one record per trial, rewritten as it progresses (atomic)
   checkpoints/     a trainable head's trial state after its last epoch, while the trial runs

@@ -12,6 +12,7 @@ from anoseg.metrics import QUALITY_METRICS
 from search.run_dir import COMPLETED, ERROR, FAILED, LOST, RUNNING, SPACE_FILE, STOPPED, RunDir, RunError, best_trial
 from search.space_optuna import trial_config
 from search.space_schema import SearchSpace, load_space
+from search.storage import StorageError, expand, mask, on_cluster, resolve_storage, run_storage, storage_meta
 
 
 def start_search(space_path: str | Path, *, data: str | None = None, name: str | None = None,
@@ -23,6 +24,8 @@ def start_search(space_path: str | Path, *, data: str | None = None, name: str |
     data_root = Path(data or space.data_root).resolve()
     categories = resolve_categories(data_root, space.categories)  # fixed fidelity order for this search
     run = RunDir(Path(results) / (name or space.name))
+    storage = resolve_storage(space.storage, run.path, cluster=on_cluster(address))
+    expand(storage.url)  # an unset password variable fails before anything is created
     if (run.path / "run.json").exists():
         raise RunError(f"{run.path} already holds a search; continue it with `anoseg search resume {run.path}` "
                        f"or pick another --name")
@@ -39,7 +42,7 @@ def start_search(space_path: str | Path, *, data: str | None = None, name: str |
         "categories": categories,
         "objectives": [{"metric": o.metric, "mode": o.mode} for o in space.objectives],
         "study_name": f"{run.path.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-        "storage": space.storage or run.study_url,
+        **storage_meta(storage),  # the password masked / as its ${VARIABLE}: never the password itself
         "address": address,
         "created": time.time(),
         "status": "running",
@@ -54,6 +57,7 @@ def resume_search(run_path: str | Path, *, address: str | None = None) -> RunDir
     run = RunDir.open(run_path)
     meta = run.read_meta()
     space = run.space()
+    expand(run_storage(meta).url)  # an unset password variable fails now, not inside Ray Tune's restore
     _fit(space, run, meta, address if address is not None else meta.get("address"), resume=True)
     return run
 
@@ -112,7 +116,11 @@ def summary(run: RunDir) -> str:
         lines.append(f"best trial {best['trial_id']} by {objective['metric']} ({objective['mode']}): {metric_text}, "
                      f"fit {best['fit_seconds']:.2f} s, {best['ms_per_image']:.1f} ms/image")
         lines.append("  " + yaml.safe_dump(cfg, sort_keys=False, default_flow_style=True).strip())
-    lines.append(f"table: {run.path / 'trials.parquet'} (+ trials.csv); study: {meta['storage']} ({meta['study_name']})")
+    lines.append(f"table: {run.path / 'trials.parquet'} (+ trials.csv); study: {mask(meta['storage'])} ({meta['study_name']})")
+    try:
+        lines.append(f"optuna-dashboard {run_storage(meta).dashboard_argument()}")
+    except StorageError:
+        pass
     return "\n".join(lines)
 
 

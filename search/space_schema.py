@@ -13,7 +13,7 @@ A space file (see ``spaces/quick.yaml`` and ``spaces/mvtec.yaml``)::
     scheduler: {name: asha, grace_period: 1, reduction_factor: 2}   # or {name: none}
     budget: {trials: 20, max_concurrent: 2, time_limit_s: 3600}     # time_limit_s optional
     resources: {cpu: 1, gpu: 0}       # per trial; gpu may be a fraction (0.25)
-    storage: null                     # null -> sqlite file in the run folder; or a sqlite:/// postgresql:// mysql:// URL
+    storage: null                     # null -> sqlite in the run folder (journal with --address); sqlite | journal | a URL
     cache: {enabled: true, path: null, max_gb: 20}   # feature cache; path null -> <run>/feature_cache
     trial: {batch_size: 16, seed: 0, device: auto}   # fixed TrialConfig fields
     space:
@@ -71,7 +71,10 @@ Only ``dataset`` (with ``root``), ``objective`` and ``space`` are required; the 
 * ``budget``: trials >= 1, max_concurrent >= 1, time_limit_s > 0 or null.
 * ``resources``: cpu > 0, gpu >= 0 (a fraction below 1 packs several trials on one GPU; above 1 a whole
   number).
-* ``storage``: null, or a URL ``sqlite:///file.db``, ``postgresql[+driver]://...``, ``mysql[+driver]://...``.
+* ``storage`` (:mod:`search.storage`): null (SQLite in the run folder, or an Optuna journal file there when
+  ``--address`` points at a Ray cluster), ``sqlite``, ``journal`` (``optuna.journal`` in the run folder: for run
+  folders on NFS/EFS), a URL ``sqlite:///file.db``, ``journal:///abs/file.journal``, ``postgresql[+driver]://...``,
+  ``mysql[+driver]://...``. A password only as an environment variable reference: ``postgresql://user:${VAR}@host/db``.
 * ``cache``: enabled (true), path (a shared folder, or null for the run folder), max_gb (> 0).
 * ``dedup`` (true): a trial whose effective configuration (the head's settings as it would run them: clamped to
   the layers' channels, ignored ones at their defaults) equals a completed trial's is answered from that record.
@@ -118,6 +121,7 @@ from anoseg.config import BatchSize, Device, ImageSize, Seed, Weights
 from anoseg.errors import AnosegError, ConfigError
 from anoseg.metrics import METRIC_NAMES, MODES, metric
 from anoseg.schema import FieldError, Schema, config_error, fail, hint
+from search.storage import SPEC_TEXT, check_spec
 
 __all__ = [
     "SAMPLERS",
@@ -134,8 +138,7 @@ __all__ = [
 
 PARAM_TYPES = ("int", "float", "categorical")
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
-STORAGE_RE = r"^(sqlite:///.+|(postgresql|mysql)(\+\w+)?://.+)$"
-STORAGE_TEXT = "null (a sqlite file in the run folder), sqlite:///<file>, postgresql[+driver]://..., mysql[+driver]://..."
+STORAGE_TEXT = SPEC_TEXT  # the forms of `storage` (search.storage)
 GRID_MAX_VALUES = 1000  # values of one int range
 GRID_MAX_POINTS = 10_000_000  # points of the full-product grid
 #: Keys of ``trial`` that the search itself sets, and where they belong instead.
@@ -515,6 +518,14 @@ class Trial(Schema):
         return value
 
 
+def _storage(value: Any) -> Any:
+    """The storage's form, checked here so that an error never shows a password (search.storage.check_spec)."""
+    try:
+        return check_spec(value)
+    except ValueError as exc:
+        raise FieldError(str(exc)) from None
+
+
 class SpaceFile(Schema):
     """A space file's structure, with the checks that need no registry."""
 
@@ -525,7 +536,7 @@ class SpaceFile(Schema):
     scheduler: Scheduler = NoScheduler()
     budget: Annotated[Budget, BeforeValidator(_or_empty)] = Budget()
     resources: Annotated[Resources, BeforeValidator(_or_empty)] = Resources()
-    storage: str | None = Field(None, pattern=STORAGE_RE, description=STORAGE_TEXT)
+    storage: Annotated[str | None, BeforeValidator(_storage)] = Field(None, description=STORAGE_TEXT)
     cache: Annotated[Cache, BeforeValidator(_or_empty)] = Cache()
     dedup: bool = True
     trial: Annotated[Trial, BeforeValidator(_or_empty)] = Trial()

@@ -38,6 +38,7 @@ from search.run_dir import COMPLETED, ERROR, FAILED, FINISHED, LOST, RUNNING, ST
     record_report
 from search.space_optuna import define_by_run, describe, make_sampler, trial_config
 from search.space_schema import SearchSpace
+from search.storage import run_storage
 
 logger = logging.getLogger(__name__)
 MAX_RETRIES = 3  # per trial, for Ray-level failures (lost worker or node)
@@ -278,7 +279,7 @@ def _trainable(space: SearchSpace, meta: Mapping[str, Any]) -> Any:
 
 def build_tuner(space: SearchSpace, run: RunDir, meta: Mapping[str, Any]) -> tune.Tuner:
     metrics, modes = space.metric_names(), space.modes()
-    storage = optuna.storages.RDBStorage(space.storage or run.study_url)
+    storage = run_storage(meta).open()  # sqlite, journal or a database server, as run.json records it
     searcher = HonestOptunaSearch(
         space=define_by_run(space),
         metric=metrics if space.multi_objective else metrics[0],

@@ -60,8 +60,9 @@ def read_records(run_path: Path, statuses: tuple[str, ...] | None = None) -> dic
     return out
 
 
-def kill_search_when(cmd: list[str], ready: Callable[[], bool], timeout: float) -> None:
-    """Run `anoseg search run` as a subprocess and SIGKILL it, with every process it started, once `ready()`.
+def kill_search_when(cmd: list[str], ready: Callable[[], bool], timeout: float) -> str:
+    """Run `anoseg search run` as a subprocess and SIGKILL it, with every process it started, once `ready()`;
+    returns what it printed.
 
     Ray's workers are the raylet's children and would otherwise live on for a few seconds after the
     driver died; they are killed too, so that a resume right after this sees a dead search only.
@@ -81,6 +82,11 @@ def kill_search_when(cmd: list[str], ready: Callable[[], bool], timeout: float) 
             member.kill()
     psutil.wait_procs(family, timeout=30)
     proc.wait()
+    os.set_blocking(proc.stdout.fileno(), False)  # a Ray process that escaped the kill may hold the pipe open
+    try:
+        return (proc.stdout.read() or b"").decode(errors="replace")
+    except BlockingIOError:
+        return ""
 
 
 def resume_search_cli(run_path: Path, timeout: float) -> subprocess.CompletedProcess:

@@ -54,6 +54,8 @@ def test_search_survives_a_lost_node(synthetic_root, tmp_path):
 
     records = read_records(run_path)
     assert len(records) == 6
+    assert outcome["run"].read_meta()["storage"].startswith("journal://"), "the cluster default is the journal"
+    assert (run_path / "optuna.journal").is_file() and not (run_path / "optuna.db").exists()
     assert all(r["status"] == "completed" for r in records.values()), {k: r["status"] for k, r in records.items()}
     assert any(r.get("retries", 0) >= 1 for r in records.values()), "the lost node's trial was retried"
     for trial_id, rec in finished_before.items():

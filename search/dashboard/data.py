@@ -22,6 +22,7 @@ from anoseg.metrics import CATEGORY_METRICS, COST_METRICS, MEMORY_METRICS, QUALI
 from search.run_dir import COMPLETED, ERROR, FAILED, LOST, RUNNING, STOPPED, RunDir, collate
 from search.space_optuna import distributions, trial_config
 from search.space_schema import SearchSpace
+from search.storage import run_storage
 
 STATUS_ORDER = (COMPLETED, STOPPED, RUNNING, FAILED, ERROR, LOST)
 FAILED_STATUSES = (FAILED, ERROR, LOST)
@@ -203,15 +204,9 @@ class ImportanceSet:
 
 
 def load_study(meta: Mapping[str, Any]) -> optuna.Study:
-    """The run's Optuna study (read only; a missing sqlite file is an error, not a new empty database)."""
-    storage = str(meta.get("storage") or "")
-    if storage.startswith("sqlite:///"):
-        db = Path(storage[len("sqlite:///"):])
-        if not db.is_file():
-            raise FileNotFoundError(f"the study database {db} does not exist")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return optuna.load_study(study_name=meta["study_name"], storage=storage)
+    """The run's Optuna study in whichever storage run.json records (read only; a missing sqlite or journal
+    file is an error, not a new empty study)."""
+    return run_storage(meta).load_study(meta["study_name"])
 
 
 def param_importances(study: optuna.Study, objective_index: int = 0,

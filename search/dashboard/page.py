@@ -27,6 +27,7 @@ from search.dashboard.data import (FAILED_STATUSES, RunData, error_line, example
 from search.dashboard.figures import FIGURE_IDS, STATUS_COLORS, build_figures
 from search.run_dir import RUNNING, STOPPED, best_trial
 from search.space_optuna import describe
+from search.storage import StorageError, mask, run_storage
 
 DASHBOARD_FILE = "dashboard.html"
 SECTION_IDS = ("summary", *FIGURE_IDS, "failures", "examples")
@@ -99,7 +100,11 @@ def summary_html(data: RunData, now: float | None = None) -> str:
         facts.append(("sampler / scheduler", _e(f"{sampler} / {scheduler}")))
     elif data.space_error:
         facts.append(("space", f"<span class='warn'>{_e(data.space_error)}</span>"))
-    facts.append(("study", f"{_e(meta.get('study_name', '?'))} <span class='muted'>in {_e(meta.get('storage', '?'))}</span>"))
+    facts.append(("study", f"{_e(meta.get('study_name', '?'))} <span class='muted'>in {_e(mask(meta.get('storage')) or '?')}</span>"))
+    try:
+        facts.append(("optuna-dashboard", f"<code>optuna-dashboard {_e(run_storage(meta).dashboard_argument())}</code>"))
+    except StorageError:
+        pass
     rows = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in facts)
     parts = [f"<table class='kv'>{rows}</table>"]
     if meta.get("status") == "running" or counts.get(RUNNING):
