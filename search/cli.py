@@ -1,5 +1,5 @@
-"""`anoseg search run | status | resume`, `anoseg export` and `anoseg dashboard`, plugged into the anoseg CLI
-through an entry point."""
+"""`anoseg search run | status | resume`, `anoseg weights list | fetch`, `anoseg export` and `anoseg dashboard`,
+plugged into the anoseg CLI through an entry point."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,8 @@ import sys
 def cmd_run(args: argparse.Namespace) -> int:
     from search.runner import start_search, summary
 
-    run = start_search(args.space, data=args.data, name=args.name, results=args.results, address=args.address)
+    run = start_search(args.space, data=args.data, name=args.name, results=args.results, address=args.address,
+                       skip_missing_backbones=args.skip_missing_backbones)
     print(summary(run))
     return 0
 
@@ -27,6 +28,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     from search.runner import summary
 
     print(summary(RunDir.open(args.run)))
+    return 0
+
+
+def cmd_weights_list(args: argparse.Namespace) -> int:
+    from search.space_weights import list_command
+
+    list_command(args.items, args.cache)
+    return 0
+
+
+def cmd_weights_fetch(args: argparse.Namespace) -> int:
+    from search.space_weights import fetch_command
+
+    fetch_command(args.items, args.cache)
     return 0
 
 
@@ -59,6 +74,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--name", help="run name: results go to <results>/<name>/ (default: the space's name)")
     run.add_argument("--results", default="results", help="folder holding run folders (default: results)")
     run.add_argument("--address", help="Ray cluster address (e.g. auto); default: an embedded Ray on this machine")
+    run.add_argument("--skip-missing-backbones", action="store_true",
+                     help="drop the backbones whose weights the preflight finds missing (on any node) from the space "
+                          "instead of refusing to start")
     run.set_defaults(func=cmd_run)
 
     status = commands.add_parser("status", help="trials done / running / failed and the best so far")
@@ -69,6 +87,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     resume.add_argument("run", help="run folder, e.g. results/quick")
     resume.add_argument("--address", help="Ray cluster address (default: the one the run started with)")
     resume.set_defaults(func=cmd_resume)
+
+    weights = sub.add_parser("weights", help="the backbone weights of search spaces: where from, whether here, "
+                             "fetch them into the caches").add_subparsers(dest="weights_command", required=True)
+    listing = weights.add_parser("list", help="per backbone of a space: where its weights come from and whether "
+                                 "they are on this machine (no network)")
+    listing.add_argument("items", nargs="+", metavar="SPACE_OR_BACKBONE",
+                         help="space files (their backbones with their weights) or backbone names (hub weights)")
+    listing.add_argument("--cache", metavar="DIR", help="look in DIR/torch and DIR/huggingface/hub instead of the "
+                         "torch / Hugging Face caches (as written by `weights fetch --cache DIR`)")
+    listing.set_defaults(func=cmd_weights_list)
+    fetch = weights.add_parser("fetch", help="download every weight the spaces need into the torch / Hugging Face "
+                               "caches (on a machine with network), printing what and how large")
+    fetch.add_argument("items", nargs="+", metavar="SPACE_OR_BACKBONE",
+                       help="space files (their backbones with their weights) or backbone names (hub weights)")
+    fetch.add_argument("--cache", metavar="DIR", help="download into DIR/torch and DIR/huggingface/hub (the layout "
+                       "of ~/.cache: mount it on the workers, or set XDG_CACHE_HOME=DIR there)")
+    fetch.set_defaults(func=cmd_weights_fetch)
 
     export = sub.add_parser("export", help="write a search run's best configuration (YAML with metrics and provenance)")
     export.add_argument("run", help="run folder, e.g. results/quick")

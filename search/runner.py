@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from anoseg.metrics import QUALITY_METRICS
+from search.preflight import PreflightError, run_preflight
 from search.run_dir import COMPLETED, ERROR, FAILED, LOST, RUNNING, SPACE_FILE, STOPPED, RunDir, RunError, best_trial
 from search.space_optuna import trial_config
 from search.space_schema import SearchSpace, load_space
@@ -16,8 +17,11 @@ from search.storage import StorageError, expand, mask, on_cluster, resolve_stora
 
 
 def start_search(space_path: str | Path, *, data: str | None = None, name: str | None = None,
-                 results: str | Path = "results", address: str | None = None) -> RunDir:
-    """Validate everything, create results/<name>/, run the search to the end; returns the run folder."""
+                 results: str | Path = "results", address: str | None = None,
+                 skip_missing_backbones: bool = False) -> RunDir:
+    """Validate everything, run the preflight (:mod:`search.preflight`: PreflightError, with nothing created,
+    when a check fails), create results/<name>/, run the search to the end; returns the run folder.
+    `skip_missing_backbones`: drop the backbones whose weights are missing instead of failing."""
     from anoseg.data import resolve_categories
 
     space = load_space(space_path)
@@ -29,14 +33,24 @@ def start_search(space_path: str | Path, *, data: str | None = None, name: str |
     if (run.path / "run.json").exists():
         raise RunError(f"{run.path} already holds a search; continue it with `anoseg search resume {run.path}` "
                        f"or pick another --name")
+    cache_dir = str(Path(space.cache["path"] or run.path / "feature_cache").resolve()) if space.cache["enabled"] else None
+    check = run_preflight(space, data_root=str(data_root), categories=categories, run_path=run.path,
+                          cache_dir=cache_dir, storage=storage, address=address, cluster=on_cluster(address))
+    try:
+        space = check.admit(space, skip_missing_backbones=skip_missing_backbones)
+    except PreflightError:
+        if run.path.is_dir():  # a folder left by an earlier attempt: keep the table there too
+            check.write(run.path)
+        raise
+    print(check.text(), flush=True)
     run.path.mkdir(parents=True, exist_ok=True)
+    check.write(run.path)
     shutil.copyfile(space_path, run.path / SPACE_FILE)
-    run.write_space(space)
+    run.write_space(space)  # without the dropped backbones: what the search and a resume use
     meta = {
         "name": run.path.name,
         "run_path": str(run.path.resolve()),
-        "cache_dir": (str(Path(space.cache["path"] or run.path / "feature_cache").resolve())
-                      if space.cache["enabled"] else None),
+        "cache_dir": cache_dir,
         "space_source": str(space_path),
         "data_root": str(data_root),
         "categories": categories,
@@ -46,6 +60,7 @@ def start_search(space_path: str | Path, *, data: str | None = None, name: str |
         "address": address,
         "created": time.time(),
         "status": "running",
+        "preflight": {"seconds": round(check.seconds, 3), "nodes": check.nodes, "dropped_backbones": check.dropped},
     }
     run.write_meta(meta)
     _fit(space, run, meta, address, resume=False)
@@ -57,8 +72,16 @@ def resume_search(run_path: str | Path, *, address: str | None = None) -> RunDir
     run = RunDir.open(run_path)
     meta = run.read_meta()
     space = run.space()
-    expand(run_storage(meta).url)  # an unset password variable fails now, not inside Ray Tune's restore
-    _fit(space, run, meta, address if address is not None else meta.get("address"), resume=True)
+    storage = run_storage(meta)
+    expand(storage.url)  # an unset password variable fails now, not inside Ray Tune's restore
+    address = address if address is not None else meta.get("address")
+    check = run_preflight(space, data_root=meta["data_root"], categories=meta["categories"], run_path=run.path,
+                          cache_dir=meta.get("cache_dir"), storage=storage, address=address,
+                          cluster=on_cluster(address), study_name=meta.get("study_name"))
+    check.write(run.path)
+    check.admit(space, resume=True)
+    print(check.text(), flush=True)
+    _fit(space, run, meta, address, resume=True)
     return run
 
 

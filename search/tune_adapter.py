@@ -24,7 +24,7 @@ import time
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import optuna
 import ray
@@ -267,6 +267,38 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
         ray.init(address=address, **kwargs)
     else:
         ray.init(num_cpus=num_cpus, **kwargs)
+
+
+def node_label(node: Mapping[str, Any]) -> str:
+    """``node <ip> <id prefix>`` (+ `` head``) for an entry of ``ray.nodes()``."""
+    head = any(key.startswith("node:__internal_head__") for key in node.get("Resources", {}))
+    return f"node {node.get('NodeManagerAddress', '?')} {str(node.get('NodeID', ''))[:8]}" + (" head" if head else "")
+
+
+def run_on_every_node(fn: Callable[..., Any], *args: Any, timeout_s: float = 120.0) -> dict[str, Any]:
+    """Run ``fn(*args)`` once on every alive node of the cluster Ray is connected to: one task per node, pinned
+    to it, reserving no CPU (so it runs beside busy trials). Returns ``{node label: fn's result, or the
+    exception it raised, or a TimeoutError}`` (:func:`node_label`). ``fn`` must be importable on the nodes."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task = ray.remote(num_cpus=0, max_retries=0)(fn)
+    refs = {}
+    for node in ray.nodes():
+        if node.get("Alive"):
+            strategy = NodeAffinitySchedulingStrategy(node_id=node["NodeID"], soft=False)
+            refs[node_label(node)] = task.options(scheduling_strategy=strategy).remote(*args)
+    done, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+    results: dict[str, Any] = {}
+    for label, ref in refs.items():
+        if ref not in done:
+            ray.cancel(ref, force=True)
+            results[label] = TimeoutError(f"no answer within {timeout_s:.0f} s")
+            continue
+        try:
+            results[label] = ray.get(ref)
+        except Exception as exc:  # noqa: BLE001 - reported per node by the caller
+            results[label] = exc
+    return results
 
 
 def _trainable(space: SearchSpace, meta: Mapping[str, Any]) -> Any:

@@ -123,11 +123,14 @@ def test_database_storage_never_pickles_the_password(tmp_path, monkeypatch):
 
 @pytest.fixture
 def no_fit(monkeypatch):
-    """start_search and resume_search without Ray: everything but the search itself."""
-    from search import tune_adapter
+    """start_search and resume_search without Ray: everything but the search itself (and the preflight, which
+    would rightly refuse db.example and ray://head; tests/test_preflight.py covers it)."""
+    from search import runner, tune_adapter
+    from search.preflight import Preflight
 
     calls = []
     monkeypatch.setattr(tune_adapter, "fit", lambda space, run, meta, address, resume: calls.append((address, resume)))
+    monkeypatch.setattr(runner, "run_preflight", lambda space, **kwargs: Preflight([], 0.0, ["driver"]))
     return calls
 
 

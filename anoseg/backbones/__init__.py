@@ -9,6 +9,10 @@
 (full-model state dict) or ``"none"`` (random init). Families live in one module each
 (:mod:`.timm_models`, :mod:`.torchvision_segmentation`, :mod:`.torchvision_detection`); adding a backbone is a
 builder function decorated with :func:`register_backbone`.
+
+:func:`weights_source` says where a backbone's weights would come from and whether they are on this machine
+(no download, no model build); :func:`fetch_weights` downloads hub weights into the caches through the same
+loading code trials use.
 """
 from __future__ import annotations
 
@@ -18,11 +22,13 @@ from anoseg.backbones.registry import (
     LayerInfo,
     backbone_layers,
     create_backbone,
+    fetch_weights,
     list_backbones,
     register_backbone,
     validate_layers,
+    weights_source,
 )
-from anoseg.backbones.weights import WeightsSpec, parse_weights
+from anoseg.backbones.weights import WeightsSource, WeightsSpec, fetchable, parse_weights
 
 # Importing the family modules registers their backbones (they import timm / torchvision lazily).
 from anoseg.backbones import timm_models as _timm_models  # noqa: E402,F401
@@ -33,11 +39,15 @@ __all__ = [
     "BackboneInfo",
     "FeatureExtractor",
     "LayerInfo",
+    "WeightsSource",
     "WeightsSpec",
     "backbone_layers",
     "create_backbone",
+    "fetch_weights",
+    "fetchable",
     "list_backbones",
     "parse_weights",
     "register_backbone",
     "validate_layers",
+    "weights_source",
 ]

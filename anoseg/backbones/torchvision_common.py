@@ -9,7 +9,14 @@ from typing import Callable, Iterable, Sequence
 from torch import Tensor, nn
 
 from anoseg.backbones.registry import FeatureExtractor
-from anoseg.backbones.weights import WeightsSpec, apply_state_dict, fetch_from_torch_hub, read_state_dict
+from anoseg.backbones.weights import (
+    WeightsSource,
+    WeightsSpec,
+    apply_state_dict,
+    fetch_from_torch_hub,
+    read_state_dict,
+    torch_hub_source,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -67,6 +74,24 @@ def plan_taps(plan: Sequence[Step]) -> list[str]:
     return [s.tap for s in plan if s.tap is not None]
 
 
+def hub_weights(model: "str | Callable[..., nn.Module]"):
+    """The torchvision weights enum ``weights="hub"`` loads for ``model`` (a builder or its name): its DEFAULT."""
+    import torchvision
+
+    return torchvision.models.get_model_weights(model).DEFAULT
+
+
+def torchvision_hub_source(model: str) -> Callable[[], WeightsSource]:
+    """For :func:`~anoseg.backbones.registry.register_backbone`: where the hub weights of torchvision model
+    ``model`` come from (its weights enum's URL) and whether they are in the torch hub cache."""
+
+    def source() -> WeightsSource:
+        enum = hub_weights(model)
+        return torch_hub_source(enum.url, where=f"torchvision:{enum}")
+
+    return source
+
+
 def build_torchvision(
     name: str,
     ctor: Callable[..., nn.Module],
@@ -82,7 +107,7 @@ def build_torchvision(
     wanted = list(all_layers) if layers is None else list(layers)
     detail = ""
     if weights.kind == "hub":
-        enum = torchvision.models.get_model_weights(ctor).DEFAULT
+        enum = hub_weights(ctor)
         detail = f"torchvision:{enum} ({enum.url})"
         model = fetch_from_torch_hub(
             f"{name} weights {enum}", enum.url, lambda: ctor(weights=enum, weights_backbone=None, **ctor_kwargs)

@@ -15,7 +15,7 @@ from typing import Iterable
 from torch import Tensor, nn
 
 from anoseg.backbones.registry import register_backbone
-from anoseg.backbones.torchvision_common import PlanBody, Step, build_torchvision, mirror_into
+from anoseg.backbones.torchvision_common import PlanBody, Step, build_torchvision, mirror_into, torchvision_hub_source
 
 BODY_PLAN = [
     *[Step(None, f"backbone.body.{m}") for m in ("conv1", "bn1", "relu", "maxpool")],
@@ -53,6 +53,7 @@ class DetectionBody(PlanBody):
     "fasterrcnn_resnet50_fpn_v2",
     family="torchvision-detection",
     description="Faster R-CNN v2 ResNet-50-FPN (torchvision, COCO); body.layer1..4, fpn.0..3 + fpn.pool",
+    hub_source=torchvision_hub_source("fasterrcnn_resnet50_fpn_v2"),
 )
 def _fasterrcnn_resnet50_fpn_v2(layers, weights):
     from torchvision.models.detection import fasterrcnn_resnet50_fpn_v2
@@ -67,6 +68,7 @@ def _fasterrcnn_resnet50_fpn_v2(layers, weights):
     "retinanet_resnet50_fpn_v2",
     family="torchvision-detection",
     description="RetinaNet v2 ResNet-50-FPN (torchvision, COCO); body.layer1..4, fpn.0..2 (stride 8..32) + fpn.p6, fpn.p7",
+    hub_source=torchvision_hub_source("retinanet_resnet50_fpn_v2"),
 )
 def _retinanet_resnet50_fpn_v2(layers, weights):
     from torchvision.models.detection import retinanet_resnet50_fpn_v2
@@ -81,6 +83,7 @@ def _retinanet_resnet50_fpn_v2(layers, weights):
     "maskrcnn_resnet50_fpn_v2",
     family="torchvision-detection",
     description="Mask R-CNN v2 ResNet-50-FPN (torchvision, COCO); body.layer1..4, fpn.0..3 + fpn.pool",
+    hub_source=torchvision_hub_source("maskrcnn_resnet50_fpn_v2"),
 )
 def _maskrcnn_resnet50_fpn_v2(layers, weights):
     from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
@@ -95,6 +98,7 @@ def _maskrcnn_resnet50_fpn_v2(layers, weights):
     "fcos_resnet50_fpn",
     family="torchvision-detection",
     description="FCOS ResNet-50-FPN (torchvision, COCO); body.layer1..4, fpn.0..2 (stride 8..32) + fpn.p6, fpn.p7",
+    hub_source=torchvision_hub_source("fcos_resnet50_fpn"),
 )
 def _fcos_resnet50_fpn(layers, weights):
     from torchvision.models.detection import fcos_resnet50_fpn

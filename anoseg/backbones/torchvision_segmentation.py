@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from anoseg.backbones.registry import register_backbone
-from anoseg.backbones.torchvision_common import PlanBody, Step, build_torchvision, plan_taps
+from anoseg.backbones.torchvision_common import PlanBody, Step, build_torchvision, plan_taps, torchvision_hub_source
 
 _RESNET_STEM = [Step(None, f"backbone.{m}") for m in ("conv1", "bn1", "relu", "maxpool")]
 _RESNET_LAYERS = [Step(f"layer{i}", f"backbone.layer{i}") for i in range(1, 5)]
@@ -53,6 +53,7 @@ def _plan_builder(plan):
     "deeplabv3_resnet50",
     family="torchvision-segmentation",
     description="DeepLabV3 ResNet-50 (torchvision, COCO/VOC); dilated: layer3/layer4/aspp/head at stride 8",
+    hub_source=torchvision_hub_source("deeplabv3_resnet50"),
 )
 def _deeplabv3_resnet50(layers, weights):
     from torchvision.models.segmentation import deeplabv3_resnet50
@@ -67,6 +68,7 @@ def _deeplabv3_resnet50(layers, weights):
     "fcn_resnet50",
     family="torchvision-segmentation",
     description="FCN ResNet-50 (torchvision, COCO/VOC); dilated: layer3/layer4/head at stride 8",
+    hub_source=torchvision_hub_source("fcn_resnet50"),
 )
 def _fcn_resnet50(layers, weights):
     from torchvision.models.segmentation import fcn_resnet50
@@ -80,6 +82,7 @@ def _fcn_resnet50(layers, weights):
     "lraspp_mobilenet_v3_large",
     family="torchvision-segmentation",
     description="LR-ASPP MobileNetV3-Large (torchvision, COCO/VOC); layers features.0..16 + head (stride 16)",
+    hub_source=torchvision_hub_source("lraspp_mobilenet_v3_large"),
 )
 def _lraspp_mobilenet_v3_large(layers, weights):
     from torchvision.models.segmentation import lraspp_mobilenet_v3_large
@@ -94,6 +97,7 @@ def _lraspp_mobilenet_v3_large(layers, weights):
     "deeplabv3_resnet101",
     family="torchvision-segmentation",
     description="DeepLabV3 ResNet-101 (torchvision, COCO/VOC); dilated: layer3/layer4/aspp/head at stride 8",
+    hub_source=torchvision_hub_source("deeplabv3_resnet101"),
 )
 def _deeplabv3_resnet101(layers, weights):
     from torchvision.models.segmentation import deeplabv3_resnet101
@@ -108,6 +112,7 @@ def _deeplabv3_resnet101(layers, weights):
     "fcn_resnet101",
     family="torchvision-segmentation",
     description="FCN ResNet-101 (torchvision, COCO/VOC); dilated: layer3/layer4/head at stride 8",
+    hub_source=torchvision_hub_source("fcn_resnet101"),
 )
 def _fcn_resnet101(layers, weights):
     from torchvision.models.segmentation import fcn_resnet101
@@ -121,6 +126,7 @@ def _fcn_resnet101(layers, weights):
     "deeplabv3_mobilenet_v3_large",
     family="torchvision-segmentation",
     description="DeepLabV3 MobileNetV3-Large (torchvision, COCO/VOC); layers features.0..16 + aspp, head (stride 16)",
+    hub_source=torchvision_hub_source("deeplabv3_mobilenet_v3_large"),
 )
 def _deeplabv3_mobilenet_v3_large(layers, weights):
     from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large

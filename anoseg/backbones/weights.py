@@ -8,6 +8,11 @@ bounded model-hub access and the cache of converted offline weights.
   torch hub cache); loads without network when the file is already cached;
 * a path to a ``.pth`` / ``.pt`` / ``.safetensors`` / ``.bin`` file holding a full-model state dict;
 * ``"none"``    -- explicit random initialisation.
+
+Where a backbone's weights would come from, and whether they are on this machine, is a
+:class:`WeightsSource` (built by :func:`anoseg.backbones.weights_source` from the helpers at the end of this
+module: the torch hub cache path, the Hugging Face cache lookup, a file); the search's preflight,
+``anoseg weights list`` and ``anoseg weights fetch`` read it.
 """
 from __future__ import annotations
 
@@ -355,7 +360,7 @@ def fetch_from_torch_hub(what: str, url: str, load: Callable[[], T]) -> T:
     """Run ``load`` (e.g. a torchvision builder with ``weights="DEFAULT"``), which reads ``url`` through the
     torch hub cache (``$TORCH_HOME/hub/checkpoints``). A cached file loads without network; otherwise the
     host must answer within a few seconds, and downloads run with a socket timeout."""
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urllib.parse.urlsplit(url).path)
+    cached = torch_hub_cached_path(url)
     if not cached.is_file() and not can_reach(url):
         raise _hub_error(what, f"{url} is unreachable and {cached} is not cached")
     try:
@@ -363,3 +368,130 @@ def fetch_from_torch_hub(what: str, url: str, load: Callable[[], T]) -> T:
             return load()
     except Exception as exc:  # noqa: BLE001
         raise _hub_error(what, url, exc) from exc
+
+
+def torch_hub_cached_path(url: str) -> Path:
+    """Where ``torch.hub.load_state_dict_from_url`` keeps ``url``: ``$TORCH_HOME/hub/checkpoints/<basename>``
+    (timm's URL downloads and every torchvision weights enum go there)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urllib.parse.urlsplit(url).path)
+
+
+# --------------------------------------------------------------------------- where weights come from
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where a backbone's weights come from and whether they are on this machine; found without building a
+    model, downloading anything or touching the network.
+
+    ``kind``: offline | hub | file | none. ``where``: the source in words (``package <module>``,
+    ``hf-hub:<repo>``, ``torchvision:<enum>``, a URL, ``file``, ``random init``). ``present``: loadable here
+    now, without network. ``detail``: the local file, or what is missing. ``path``: the local file (present)
+    or, for a torch-hub URL, where the download lands. ``url``: what must answer for a download (hub only).
+    ``size``: bytes of the local file."""
+
+    kind: str
+    where: str
+    present: bool
+    detail: str
+    path: Path | None = None
+    url: str | None = None
+    size: int | None = None
+
+
+def _file_size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
+def format_size(size: int | None) -> str:
+    """``18.6 MB`` (decimal units), or ``?``."""
+    if size is None:
+        return "?"
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return "?"  # pragma: no cover
+
+
+def torch_hub_source(url: str, where: str | None = None) -> WeightsSource:
+    """A download through the torch hub cache (:func:`torch_hub_cached_path`)."""
+    cached = torch_hub_cached_path(url)
+    if cached.is_file():
+        return WeightsSource("hub", where or url, True, str(cached), cached, url, _file_size(cached))
+    return WeightsSource("hub", where or url, False, f"{cached.name} is not in the torch hub cache {cached.parent}",
+                         cached, url)
+
+
+def hf_hub_source(repo_id: str, filenames: "list[str] | tuple[str, ...]", revision: str | None = None) -> WeightsSource:
+    """A file of Hugging Face repo ``repo_id`` (the first of ``filenames`` found in the local cache, as
+    ``huggingface_hub.hf_hub_download`` would find it offline)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    where = f"hf-hub:{repo_id}" + (f"@{revision}" if revision else "")
+    for filename in filenames:
+        found = try_to_load_from_cache(repo_id, filename, revision=revision)
+        if isinstance(found, str):
+            return WeightsSource("hub", where, True, found, Path(found), _hf_endpoint(), _file_size(Path(found)))
+    return WeightsSource("hub", where, False, f"{' / '.join(filenames)} not in the Hugging Face cache {_hf_cache_dir()}",
+                         None, _hf_endpoint())
+
+
+def file_source(path: Path) -> WeightsSource:
+    """A state-dict file: present when it is a readable file on this machine."""
+    if path.is_file() and os.access(path, os.R_OK):
+        return WeightsSource("file", "file", True, str(path), path, None, _file_size(path))
+    reason = "is not readable" if path.is_file() else "does not exist (or is not a file)"
+    return WeightsSource("file", "file", False, f"{path} {reason}", path)
+
+
+def fetchable(source: WeightsSource, reach: Callable[[str], bool] | None = None) -> tuple[bool, str]:
+    """Whether hub weights that are not on this machine could be downloaded now, and why (or why not): the
+    host answers within :data:`HUB_PROBE_TIMEOUT_S` (``reach``, default :func:`can_reach`; a TCP connection,
+    never a download) and, for the Hugging Face hub, ``HF_HUB_OFFLINE`` is not set."""
+    if source.kind != "hub" or not source.url:
+        return False, "not a download"
+    host = urllib.parse.urlsplit(source.url).hostname or source.url
+    if source.url == _hf_endpoint() and _hf_user_offline():
+        return False, "HF_HUB_OFFLINE is set"
+    if (reach or can_reach)(source.url):
+        return True, f"{host} answers: downloaded by the first trial that needs it"
+    return False, f"{host} is unreachable"
+
+
+def hub_cache_dirs() -> tuple[Path, Path]:
+    """The torch hub folder (``$TORCH_HOME/hub``) and the Hugging Face hub cache this process uses now."""
+    return Path(torch.hub.get_dir()), Path(_hf_cache_dir())
+
+
+@contextlib.contextmanager
+def hub_caches(root: str | os.PathLike) -> Iterator[tuple[Path, Path]]:
+    """Point the torch hub and Hugging Face caches of this process at ``root/torch`` and
+    ``root/huggingface/hub`` (the layout of ``~/.cache``, so ``XDG_CACHE_HOME=root`` or mounting ``root`` as
+    ``~/.cache`` finds them on another machine); yields the two hub folders, restores the previous ones."""
+    root = Path(root).expanduser().resolve()
+    torch_home, hf_cache = root / "torch", root / "huggingface" / "hub"
+    saved_env = {key: os.environ.get(key) for key in ("TORCH_HOME", "HF_HUB_CACHE")}
+    saved_hub_dir = getattr(torch.hub, "_hub_dir", None)
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover
+        constants = None
+    saved_hf = constants.HF_HUB_CACHE if constants is not None else None
+    os.environ["TORCH_HOME"], os.environ["HF_HUB_CACHE"] = str(torch_home), str(hf_cache)
+    torch.hub.set_dir(str(torch_home / "hub"))
+    if constants is not None:
+        constants.HF_HUB_CACHE = str(hf_cache)
+    try:
+        yield torch_home / "hub", hf_cache
+    finally:
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        torch.hub._hub_dir = saved_hub_dir
+        if constants is not None:
+            constants.HF_HUB_CACHE = saved_hf
