@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--categories", help="comma-separated subset (default: all)")
     synth.add_argument("--train", type=int, default=40, help="defect-free training images per category")
     synth.add_argument("--test-good", type=int, default=10, help="defect-free test images per category")
-    synth.add_argument("--test-per-defect", type=int, default=6, help="test images per defect kind")
+    synth.add_argument("--test-per-defect", type=int, default=8, help="test images per defect kind")
     synth.add_argument("--overwrite", action="store_true", help="replace existing category folders")
     synth.set_defaults(func=cmd_data_synth)
 

@@ -256,7 +256,8 @@ def textures(tmp_path_factory):
     return root
 
 
-# Layers picked per head on these textures (default settings, means over the 3 categories):
+# Layers picked per head on these textures (default settings, means over the 3 categories), on the
+# first, easy version of the synthetic set (every defect obvious, no nuisances):
 #   gaussian_ad:        blocks.1+2+4  image 0.992 / pixel 0.987 / AUPRO 0.941 (blocks.2+4 0.990 / 0.985;
 #                       blocks.4 0.986 / 0.983; blocks.2+4+6 0.999 / 0.876: the stride-32 map is too coarse)
 #   feature_dictionary: blocks.4      image 0.933 / pixel 0.980 / AUPRO 0.917 (blocks.2+4 0.763 / 0.977;
@@ -264,25 +265,31 @@ def textures(tmp_path_factory):
 #                       catches the quantisation error of rare normal patches)
 #   stfpm:              blocks.1+2+4, 10 epochs, batch 8 (4 synthetic categories incl. washer: image 0.997 /
 #                       pixel 0.995 / AUPRO 0.975 after 10 epochs; 0.717 / 0.797 after 4)
-# The bar: every category's image AUROC >= 0.85 (defective and good images separate clearly), the
-# means over the categories at least image 0.95 / 0.90, pixel 0.95 and AUPRO 0.85.
+# On the current set (most defects subtle, nuisances in every image) the same configurations reach
+# (min category image AUROC; means image / pixel / AUPRO):
+#   gaussian_ad 0.735; 0.783 / 0.942 / 0.777, feature_dictionary 0.682; 0.710 / 0.883 / 0.664,
+#   stfpm 0.780; 0.853 / 0.962 / 0.860
+# and a random-init lite0 at most 0.548; 0.582 / 0.705 / 0.377. The bars (min image, mean image, pixel,
+# AUPRO) sit about 0.05 - 0.08 below the offline figures, well above random init.
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "layers, head, image_bar",
+    "layers, head, bars",
     [
-        (["blocks.1", "blocks.2", "blocks.4"], {"name": "gaussian_ad"}, 0.95),
-        (["blocks.4"], {"name": "feature_dictionary"}, 0.90),
-        (["blocks.1", "blocks.2", "blocks.4"], {"name": "stfpm", "epochs": 10, "batch_size": 8}, 0.95),
+        (["blocks.1", "blocks.2", "blocks.4"], {"name": "gaussian_ad"}, (0.65, 0.70, 0.90, 0.70)),
+        (["blocks.4"], {"name": "feature_dictionary"}, (0.60, 0.63, 0.83, 0.58)),
+        (["blocks.1", "blocks.2", "blocks.4"], {"name": "stfpm", "epochs": 10, "batch_size": 8},
+         (0.70, 0.78, 0.92, 0.78)),
     ],
 )
-def test_lite0_offline_reaches_the_bar(textures, layers, head, image_bar):
+def test_lite0_offline_reaches_the_bar(textures, layers, head, bars):
+    min_image_bar, image_bar, pixel_bar, aupro_bar = bars
     cfg = {"backbone": {"name": "tf_efficientnet_lite0", "weights": "offline"}, "layers": layers,
            "image_size": 128, "head": head}
     result = run_trial(cfg, textures)
     assert result.pretrained is True
     assert set(result.per_category) == set(TEXTURES)
     per_category = {c: round(m["image_auroc"], 3) for c, m in result.per_category.items()}
-    assert min(per_category.values()) >= 0.85, per_category
+    assert min(per_category.values()) >= min_image_bar, per_category
     assert result.mean["image_auroc"] >= image_bar, result.per_category
-    assert result.mean["pixel_auroc"] >= 0.95, result.per_category
-    assert result.mean["aupro"] >= 0.85, result.per_category
+    assert result.mean["pixel_auroc"] >= pixel_bar, result.per_category
+    assert result.mean["aupro"] >= aupro_bar, result.per_category

@@ -38,10 +38,10 @@ def test_search_records_every_trial_and_keeps_optuna_honest(synthetic_root, tmp_
     assert len(df) == 6 and df["trial_id"].is_unique
     assert set(df["status"]) <= {"completed", "stopped"} and "completed" in set(df["status"])
     completed = df[df["status"] == "completed"]
-    assert (completed["categories_done"] == 4).all()
+    assert (completed["categories_done"] == 5).all()  # board, brick, grass, gravel, washer
     assert completed[["brick/aupro", "washer/aupro", "aupro", "fit_seconds", "ms_per_image"]].notna().all().all()
     stopped = df[df["status"] == "stopped"]
-    assert (stopped["categories_done"] < 4).all()
+    assert (stopped["categories_done"] < 5).all()
     assert stopped["stop_reason"].str.startswith("stopped early").all()
     assert any(c.startswith("param.") for c in df.columns)
 
@@ -66,7 +66,7 @@ def test_failing_trial_is_recorded_and_the_search_goes_on(synthetic_root, tmp_pa
     assert len(df) == 3
     assert (df["status"] == "failed").all()  # every trial reaches washer and fails there
     assert df["error"].str.contains("cannot read image").all() and df["error"].str.contains(broken.name).all()
-    assert (df["categories_done"] == 3).all()  # the three categories before washer are kept
+    assert (df["categories_done"] == 4).all()  # the four categories before washer are kept
     assert {t.state.name for t in study_of(run).trials} == {"FAIL"}
 
 

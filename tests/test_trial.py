@@ -52,12 +52,12 @@ def test_train_shares_report_every_category_at_every_share_and_end_with_the_full
                        report=lambda r: calls.append(r))
     assert [(r.fidelity, r.fidelity_total, r.train_share, r.category) for r in calls] == [
         (1, 4, 0.5, "brick"), (2, 4, 0.5, "washer"), (3, 4, 1.0, "brick"), (4, 4, 1.0, "washer")]
-    half = calls[1].per_category["brick"]
-    assert half["fit_seconds"] < calls[3].per_category["brick"]["fit_seconds"]  # fewer images fitted
     full = run_trial(RANDOM_INIT, synthetic_root, ["brick", "washer"])
     for category, metrics in full.per_category.items():
         for key in METRIC_KEYS:
             assert shares.per_category[category][key] == metrics[key]
+    half = calls[1].per_category
+    assert any(half[c][k] != full.per_category[c][k] for c in half for k in METRIC_KEYS)  # fitted on fewer images
 
 
 def test_training_subsets_are_nested():
