@@ -240,11 +240,13 @@ def _get(app: Any, path: str) -> Any:
 def test_optuna_dashboard_lists_the_run_as_recorded(synthetic_root, tmp_path, storage):
     """optuna-dashboard's own loading (the argument `search status` prints, as its command line takes it) and its
     API: the study, every trial with its parameters, value and state. Trials on a backbone whose weights file is
-    missing FAIL, ASHA prunes some, the rest COMPLETE."""
+    damaged FAIL (the preflight only sees that it is there and readable), ASHA prunes some, the rest COMPLETE."""
     from optuna_dashboard import wsgi
 
+    damaged = tmp_path / "damaged.pth"
+    damaged.write_bytes(b"not a state dict")
     space = {"backbones": {"resnet18": {"weights": "none", "layers": [["layer1"], ["layer1", "layer2"]]},
-                           "resnet50": {"weights": str(tmp_path / "missing.pth"), "layers": [["layer1"]]}},
+                           "resnet50": {"weights": str(damaged), "layers": [["layer1"]]}},
              "heads": {"padim": {"n_features": {"type": "int", "low": 8, "high": 64}}}}
     # one trial at a time with a seeded sampler: the same trials, values and ASHA decisions on every run
     path = write_space(tmp_path, storage=storage, space=space, budget={"trials": 10, "max_concurrent": 1},
