@@ -49,6 +49,7 @@ def run_trainable(params: dict[str, Any], *, space: SearchSpace, data_root: str,
                   run_path: str, cache_dir: str | None) -> None:
     """Tune function trainable: one anoseg trial, reporting after each category."""
     from anoseg.cache import FeatureCache
+    from anoseg.config import TrialConfig
     from anoseg.trial import config_key, effective_config, run_trial  # heavy; imported once per (reused) worker
 
     run = RunDir(Path(run_path))
@@ -66,8 +67,9 @@ def run_trainable(params: dict[str, Any], *, space: SearchSpace, data_root: str,
 
     checkpoint_path = run.checkpoint_path(tune.get_context().get_trial_id())
     try:
-        cfg = trial_config(space, params)
-        state["config"] = json.dumps(cfg)  # a string: Tune's loggers only take scalars
+        raw = trial_config(space, params)
+        state["config"] = json.dumps(raw)  # a string: Tune's loggers only take scalars
+        cfg = TrialConfig.from_dict(raw)  # validated once, for the key and the trial
         state["key"] = config_key(effective_config(cfg))
         original = run.completed_record(state["key"]) if space.dedup else None
         if original is not None:  # the same effective configuration has finished: answer from its record
