@@ -280,15 +280,16 @@ def node_label(node: Mapping[str, Any]) -> str:
 def run_on_every_node(fn: Callable[..., Any], *args: Any, timeout_s: float = 120.0) -> dict[str, Any]:
     """Run ``fn(*args)`` once on every alive node of the cluster Ray is connected to: one task per node, pinned
     to it, reserving no CPU (so it runs beside busy trials). Returns ``{node label: fn's result, or the
-    exception it raised, or a TimeoutError}`` (:func:`node_label`). ``fn`` must be importable on the nodes."""
+    exception it raised, or a TimeoutError}`` (:func:`node_label`), the head first, then the others by label
+    (``ray.nodes()`` has no fixed order). ``fn`` must be importable on the nodes."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     task = ray.remote(num_cpus=0, max_retries=0)(fn)
     refs = {}
-    for node in ray.nodes():
-        if node.get("Alive"):
-            strategy = NodeAffinitySchedulingStrategy(node_id=node["NodeID"], soft=False)
-            refs[node_label(node)] = task.options(scheduling_strategy=strategy).remote(*args)
+    labels = {node_label(node): node["NodeID"] for node in ray.nodes() if node.get("Alive")}
+    for label in sorted(labels, key=lambda label: (not label.endswith(" head"), label)):
+        strategy = NodeAffinitySchedulingStrategy(node_id=labels[label], soft=False)
+        refs[label] = task.options(scheduling_strategy=strategy).remote(*args)
     done, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
     results: dict[str, Any] = {}
     for label, ref in refs.items():
