@@ -12,6 +12,15 @@ Conventions (those of the MVTec AD evaluation code):
   ends at (1, 1), and its trapezoidal area from FPR 0 to ``fpr_limit`` (the PRO at ``fpr_limit``
   linearly interpolated when ``fpr_limit`` is not a curve point) is divided by ``fpr_limit``.
 
+* SegF1 (MVTec AD 2): the pixel F1 = 2TP / (2TP + FP + FN) over all pixels of the category at one
+  fixed threshold (pixel anomalous when ``score >= threshold``) that is chosen without defective
+  samples: from the pixel scores of good images (:func:`anoseg.thresholds.good_threshold`, by
+  default mean + 3 std, as MVTec AD 2 does on its validation images).
+* Miss rate at a false-alarm rate ``f``: the image threshold is the smallest candidate (every
+  distinct image score, and +inf) at which the share of good images with score ``>= t`` is at
+  most ``f``; the miss rate is the share of defective images with score ``< t``. Exact counts, no
+  interpolation between curve points.
+
 Pixel metrics sort the normal and the anomalous pixel scores separately (normal pixels only need
 counting, anomalous ones also carry a region weight) and read every curve point off the two
 sorted arrays with binary searches, which yields the same points as one argsort over all pixels
@@ -30,9 +39,10 @@ from typing import Any
 import numpy as np
 
 from anoseg.errors import ConfigError, DataError
+from anoseg.thresholds import good_threshold
 
 __all__ = ["Metric", "METRICS", "MODES", "QUALITY_METRICS", "COST_METRICS", "MEMORY_METRICS", "METRIC_NAMES", "metric",
-           "image_auroc", "pixel_auroc", "aupro", "pro_curve", "f1_max", "evaluate"]
+           "image_auroc", "pixel_auroc", "aupro", "pro_curve", "f1_max", "seg_f1", "miss_rate", "evaluate"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +66,12 @@ METRICS: tuple[Metric, ...] = (
            "AUPRO@0.3"),
     Metric("pixel_f1_max", "max", "best pixel F1 over all thresholds", "quality", "px F1max"),
     Metric("image_f1_max", "max", "best image F1 over all thresholds", "quality", "img F1max"),
+    Metric("aupro_0.05", "max", "area under the per-region overlap curve up to 5% FPR, normalised", "quality",
+           "AUPRO@0.05"),
+    Metric("seg_f1", "max", "pixel F1 at a threshold set from good images only (mean + 3 std of their pixel scores)",
+           "quality", "segF1"),
+    Metric("miss_rate_0.05", "min", "share of defective images passed at the image threshold that fails at most 5% "
+           "of the good images", "quality", "miss@5%FA"),
     Metric("fit_seconds", "min", "backbone forward over the training images + head fit, seconds", "cost", "fit s"),
     Metric("ms_per_image", "min", "backbone forward + scoring + map post-processing per test image, ms", "cost",
            "ms/img"),
@@ -79,6 +95,10 @@ def metric(name: str) -> Metric:
     return _BY_NAME[name]
 
 DEFAULT_FPR_LIMIT = 0.3
+#: The low-FPR AUPRO limit (MVTec AD 2 reports AU-PRO up to 5% FPR).
+LOW_FPR_LIMIT = 0.05
+#: The false-alarm rate (share of good images failed) at which ``miss_rate_0.05`` is read.
+DEFAULT_FALSE_ALARM_RATE = 0.05
 
 # 3x3 ones within an image (8-connectivity) and no connection between images of the stack, so
 # labelling the (N, H, W) stack at once equals labelling each image with a 3x3 ones structure.
@@ -146,6 +166,24 @@ def _check_fpr_limit(fpr_limit: float) -> float:
     if not (math.isfinite(limit) and 0.0 < limit <= 1.0):
         raise ConfigError(f"fpr_limit must be in (0, 1]; got {fpr_limit!r}")
     return limit
+
+
+def _check_threshold(threshold: Any, name: str = "threshold") -> float:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating, np.integer)):
+        raise ConfigError(f"{name} must be a real number; got {threshold!r}")
+    value = float(threshold)
+    if math.isnan(value):
+        raise ConfigError(f"{name} must be a real number; got NaN")
+    return value
+
+
+def _check_false_alarm_rate(false_alarm_rate: Any) -> float:
+    if isinstance(false_alarm_rate, bool) or not isinstance(false_alarm_rate, (int, float, np.floating, np.integer)):
+        raise ConfigError(f"false_alarm_rate must be a number in [0, 1); got {false_alarm_rate!r}")
+    rate = float(false_alarm_rate)
+    if not (math.isfinite(rate) and 0.0 <= rate < 1.0):
+        raise ConfigError(f"false_alarm_rate must be in [0, 1); got {false_alarm_rate!r}")
+    return rate
 
 
 def _pixel_inputs(masks: Any, maps: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -229,6 +267,47 @@ def _f1_max_sorted(normal_sorted: np.ndarray, positive_sorted: np.ndarray) -> fl
     fp = normal_sorted.size - np.searchsorted(normal_sorted, thresholds, side="left")
     f1 = 2.0 * tp / (tp + fp + n_pos)  # 2TP / (2TP + FP + FN)
     return float(f1.max())
+
+
+def _threshold_as(threshold: float, dtype: np.dtype) -> Any:
+    """The smallest value ``v`` of ``dtype`` with ``v >= threshold``, so that for finite scores of
+    that dtype ``score >= v`` holds exactly when ``score >= threshold`` does (compared as reals)."""
+    kind = np.dtype(dtype).type
+    if not math.isfinite(threshold) or np.finfo(kind).bits >= 64:
+        return kind(threshold)  # float64 (or wider) holds every float threshold exactly
+    info = np.finfo(kind)
+    if threshold > float(info.max):
+        return kind(np.inf)
+    if threshold < float(info.min):
+        return kind(-np.inf)
+    v = kind(threshold)
+    if float(v) < threshold:
+        v = np.nextafter(v, kind(np.inf))
+    return v
+
+
+def _f1_at_sorted(normal_sorted: np.ndarray, positive_sorted: np.ndarray, threshold: float) -> float:
+    """F1 = 2TP / (2TP + FP + FN) of ``score >= threshold`` from the two ascending score arrays."""
+    t = _threshold_as(threshold, positive_sorted.dtype)
+    tp = positive_sorted.size - int(np.searchsorted(positive_sorted, t, side="left"))
+    t = _threshold_as(threshold, normal_sorted.dtype)
+    fp = normal_sorted.size - int(np.searchsorted(normal_sorted, t, side="left"))
+    return 2.0 * tp / (tp + fp + positive_sorted.size)
+
+
+def _miss_rate_sorted(good_sorted: np.ndarray, defective_sorted: np.ndarray, false_alarm_rate: float) -> float:
+    """Share of defective scores below the smallest candidate threshold whose false-alarm share
+    (good scores >= t) is at most ``false_alarm_rate``.
+
+    With K the most good images that may fail (the largest K with K / n_good <= rate), a threshold
+    qualifies exactly when it lies above v, the (K+1)-th highest good score; the smallest candidate
+    above v is the next distinct score (or +inf), so a defective image is missed exactly when its
+    score is <= v.
+    """
+    n_good = good_sorted.size
+    allowed = int(np.flatnonzero(np.arange(n_good + 1) / n_good <= false_alarm_rate).max())  # < n_good
+    v = good_sorted[n_good - 1 - allowed]
+    return int(np.searchsorted(defective_sorted, v, side="right")) / defective_sorted.size
 
 
 def _region_weights(masks: np.ndarray) -> tuple[np.ndarray, int]:
@@ -318,8 +397,13 @@ class _SortedPixels:
         else:
             self.anomalous = np.sort(anomalous)
 
+        self._curve: tuple[np.ndarray, np.ndarray] | None = None
+
     def pro_curve(self) -> tuple[np.ndarray, np.ndarray]:
-        return _pro_curve_sorted(self.normal, self.anomalous, self.weights, self.n_regions)
+        """The PRO curve, computed once and reused by every :meth:`aupro` limit."""
+        if self._curve is None:
+            self._curve = _pro_curve_sorted(self.normal, self.anomalous, self.weights, self.n_regions)
+        return self._curve
 
     def aupro(self, limit: float) -> float:
         fprs, pros = self.pro_curve()
@@ -375,6 +459,33 @@ def f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
     return _f1_max_sorted(np.sort(scores_f[~labels_b]), np.sort(scores_f[labels_b]))
 
 
+def seg_f1(masks: Any, maps: Any, threshold: float) -> float:
+    """Pixel F1 = 2TP / (2TP + FP + FN) at one fixed threshold (pixel anomalous when
+    ``score >= threshold``) over all pixels of masks (N,H,W) and maps (N,H,W): MVTec AD 2's SegF1
+    when the threshold comes from good images only (:func:`anoseg.thresholds.good_threshold`).
+    0.0 when nothing anomalous is found (the masks must hold an anomalous pixel)."""
+    t = _check_threshold(threshold)
+    masks_b, maps_f = _pixel_inputs(masks, maps)
+    predicted = maps_f >= _threshold_as(t, maps_f.dtype)
+    tp = int(np.count_nonzero(predicted & masks_b))
+    fp = int(np.count_nonzero(predicted)) - tp
+    return 2.0 * tp / (tp + fp + int(np.count_nonzero(masks_b)))
+
+
+def miss_rate(labels: Any, scores: Any, false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE) -> float:
+    """Share of defective images (label 1) passed at the image threshold that fails at most
+    ``false_alarm_rate`` of the good images (label 0).
+
+    The threshold t is the smallest candidate (every distinct score, and +inf) with
+    ``#(good >= t) / #good <= false_alarm_rate``; a defective image is missed when its score is
+    ``< t``. Exact counts, no interpolation: ``false_alarm_rate=0`` allows no good image to fail, and
+    scores tied with a good score that must pass are missed too.
+    """
+    rate = _check_false_alarm_rate(false_alarm_rate)
+    labels_b, scores_f = _image_inputs(labels, scores)
+    return _miss_rate_sorted(np.sort(scores_f[~labels_b]), np.sort(scores_f[labels_b]), rate)
+
+
 def evaluate(
     maps: Any,
     image_scores: Any,
@@ -382,14 +493,21 @@ def evaluate(
     labels: Any,
     *,
     fpr_limit: float = DEFAULT_FPR_LIMIT,
+    pixel_threshold: float | None = None,
 ) -> dict[str, float]:
-    """All MVTec AD metrics of one category.
+    """All quality metrics of one category.
 
     maps (N,H,W) anomaly maps, image_scores (N,), masks (N,H,W) binary ground truth, labels (N,)
-    0/1; numpy arrays or torch tensors. Returns fractions in [0, 1] under the keys image_auroc,
-    pixel_auroc, aupro, pixel_f1_max, image_f1_max.
+    0/1; numpy arrays or torch tensors. Returns fractions in [0, 1] under the names of
+    :data:`QUALITY_METRICS`, in that order: image_auroc, pixel_auroc, aupro (up to ``fpr_limit``),
+    pixel_f1_max, image_f1_max, aupro_0.05, seg_f1 and miss_rate_0.05.
+
+    seg_f1 is read at ``pixel_threshold`` when given (pass one chosen on validation good images
+    when these are test data); otherwise at :func:`anoseg.thresholds.good_threshold` (mean + 3 std)
+    of the pixel scores of the good images (label 0) among these inputs.
     """
     limit = _check_fpr_limit(fpr_limit)
+    threshold = None if pixel_threshold is None else _check_threshold(pixel_threshold, "pixel_threshold")
     masks_b, maps_f = _pixel_inputs(masks, maps)
     labels_b, scores_f = _image_inputs(labels, image_scores)
     if labels_b.shape[0] != masks_b.shape[0]:
@@ -397,13 +515,19 @@ def evaluate(
             f"got {labels_b.shape[0]} image labels/scores but {masks_b.shape[0]} masks/maps; "
             "there must be one per image"
         )
+    if threshold is None:
+        threshold, _ = good_threshold(maps_f[~labels_b])
     from sklearn.metrics import roc_auc_score  # lazily: reading the metric list must stay light
 
     pixels = _SortedPixels(masks_b, maps_f, with_regions=True)
+    good_sorted, defective_sorted = np.sort(scores_f[~labels_b]), np.sort(scores_f[labels_b])
     return {
         "image_auroc": float(roc_auc_score(labels_b, scores_f)),
         "pixel_auroc": _auroc_sorted(pixels.normal, pixels.anomalous),
         "aupro": pixels.aupro(limit),
         "pixel_f1_max": _f1_max_sorted(pixels.normal, pixels.anomalous),
-        "image_f1_max": _f1_max_sorted(np.sort(scores_f[~labels_b]), np.sort(scores_f[labels_b])),
+        "image_f1_max": _f1_max_sorted(good_sorted, defective_sorted),
+        "aupro_0.05": pixels.aupro(LOW_FPR_LIMIT),
+        "seg_f1": _f1_at_sorted(pixels.normal, pixels.anomalous, threshold),
+        "miss_rate_0.05": _miss_rate_sorted(good_sorted, defective_sorted, DEFAULT_FALSE_ALARM_RATE),
     }
