@@ -1,7 +1,7 @@
 """Exported configurations (`anoseg export` files) written and read in one place.
 
 Three kinds of file: a single configuration (the TrialConfig fields at the top level, plus the
-information sections ``provenance`` and ``metrics``), the best trial per category under
+information sections ``provenance``, ``selection`` and ``metrics``), the best trial per category under
 ``categories: {name: configuration}``, or a Pareto set under ``pareto: [configuration, ...]``.
 A plain trial configuration file reads as a single one. The information sections are skipped when a
 configuration is loaded.
@@ -19,7 +19,7 @@ from anoseg.errors import ConfigError
 from anoseg.files import write_text_atomic
 
 #: Sections of an exported configuration that are not TrialConfig fields.
-EXPORT_SECTIONS = ("provenance", "metrics")
+EXPORT_SECTIONS = ("provenance", "selection", "metrics")
 
 
 @dataclass
@@ -66,6 +66,10 @@ class ExportedFile:
 
     def metrics(self, key: str = "") -> dict[str, Any]:
         return dict(self.entries[key].get("metrics") or {})
+
+    def selection(self, key: str = "") -> dict[str, Any]:
+        """How the search chose this configuration (protocol, validation_share, seed); {} for a plain file."""
+        return dict(self.entries[key].get("selection") or {})
 
 
 def read_exported(path: str | Path) -> ExportedFile:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -37,6 +38,7 @@ from anoseg.data.mvtec import TestSplit
 from anoseg.features import combine_layers, extract_layers, iter_layer_maps, layer_map_batches, synchronize, \
     total_channels
 from anoseg.heads import AnyHead, Head, TrainableHead
+from anoseg.holdout import VALIDATION, Holdout
 from anoseg.metrics import evaluate
 
 MAP_SIGMA = 4.0
@@ -190,10 +192,41 @@ def training_subset(n_train: int, share: float, seed: int) -> torch.Tensor | Non
     return order[:max(2, math.ceil(share * n_train))].sort().values
 
 
-def evaluate_category(head: Head, source: FeatureSource, data_root: str | Path, category: str,
-                      train_share: float = 1.0) -> dict[str, float]:
-    """Fit a feature head on one category's training images (or a share of them) and evaluate it on its
-    test images."""
+@dataclass
+class ScoredImages:
+    """Anomaly maps and image scores of some of a category's test images, with their ground truth."""
+
+    maps: torch.Tensor  # (n, S, S) float32
+    scores: torch.Tensor  # (n,)
+    masks: torch.Tensor  # (n, S, S) bool
+    labels: np.ndarray  # (n,) 1 = defective
+    defect_types: list[str]
+    ms_per_image: float  # backbone forward + scoring + post-processing
+
+    def subset(self, index: np.ndarray) -> "ScoredImages":
+        at = torch.as_tensor(index, dtype=torch.long)
+        return ScoredImages(self.maps[at], self.scores[at], self.masks[at], self.labels[index],
+                            [self.defect_types[i] for i in index], self.ms_per_image)
+
+    def good_maps(self) -> torch.Tensor:
+        """The maps of the good images (what a threshold from good images only is chosen on)."""
+        return self.maps[torch.as_tensor(self.labels == 0)]
+
+    def metrics(self, pixel_threshold: float | None = None) -> dict[str, float]:
+        """Every quality metric (:func:`anoseg.metrics.evaluate`); `pixel_threshold`: seg_f1's threshold, by
+        default chosen on these images' good maps."""
+        return evaluate(self.maps, self.scores, self.masks, self.labels, pixel_threshold=pixel_threshold)
+
+
+def test_index(test: TestSplit, category: str, holdout: Holdout | None, part: str) -> np.ndarray | None:
+    """The test images a trial evaluates: those of `part` of the holdout split, or all (None) without one."""
+    return None if holdout is None else holdout.split(test.paths, test.defect_types, category)[part]
+
+
+def fit_category(head: Head, source: FeatureSource, data_root: str | Path, category: str,
+                 train_share: float = 1.0) -> float:
+    """Fit a feature head on one category's training images (or a share of them); returns the fit seconds
+    (backbone forward, as measured when cached, + head fit)."""
     cfg, device = source.cfg, source.device
     train = source.split(data_root, category, "train", lambda: load_train(data_root, category, cfg.image_size))
     subset = training_subset(len(train), train_share, cfg.seed)
@@ -202,15 +235,39 @@ def evaluate_category(head: Head, source: FeatureSource, data_root: str | Path, 
     start = time.perf_counter()
     fit_feature_head(head, train.batches(cfg.batch_size, subset), cfg.layers, device)
     synchronize(device)
-    fit_seconds = train.seconds_per_image * n_used + time.perf_counter() - start
-    del train
+    return train.seconds_per_image * n_used + time.perf_counter() - start
 
+
+def score_test(head: Head, source: FeatureSource, data_root: str | Path, category: str,
+               holdout: Holdout | None = None, part: str = VALIDATION) -> ScoredImages:
+    """Score a fitted feature head on the category's test images (only `part` of them with a holdout split);
+    the test images are decoded only when their features are not cached."""
+    cfg = source.cfg
     test = load_test(data_root, category, cfg.image_size, with_images=False)
+    index = test_index(test, category, holdout, part)
     test_maps = source.split(data_root, category, "test", lambda: load_images(test.paths, cfg.image_size))
-    maps, scores, seconds = score_batches(head, ((b, None) for b in test_maps.batches(cfg.batch_size)), cfg, device)
-    ms_per_image = (test_maps.seconds_per_image + seconds / len(test.paths)) * 1000
-    metrics = evaluate(maps, scores, test.masks, test.labels)
-    return {**metrics, "fit_seconds": round(fit_seconds, 4), "ms_per_image": round(ms_per_image, 3)}
+    at = None if index is None else torch.as_tensor(index, dtype=torch.long)
+    maps, scores, seconds = score_batches(head, ((b, None) for b in test_maps.batches(cfg.batch_size, at)), cfg,
+                                          source.device)
+    ms = (test_maps.seconds_per_image + seconds / len(maps)) * 1000
+    return ScoredImages(maps, scores, *_ground_truth(test, index), ms)
+
+
+def _ground_truth(test: TestSplit, index: np.ndarray | None) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+    """The masks, labels and defect types of the test images at `index` (all for None)."""
+    if index is None:
+        return test.masks, test.labels, list(test.defect_types)
+    return test.masks[torch.as_tensor(index, dtype=torch.long)], test.labels[index], \
+        [test.defect_types[i] for i in index]
+
+
+def evaluate_category(head: Head, source: FeatureSource, data_root: str | Path, category: str,
+                      train_share: float = 1.0, holdout: Holdout | None = None) -> dict[str, float]:
+    """Fit a feature head on one category's training images (or a share of them) and evaluate it on its test
+    images: the validation part of them with a holdout split, else all."""
+    fit_seconds = fit_category(head, source, data_root, category, train_share)
+    scored = score_test(head, source, data_root, category, holdout)
+    return {**scored.metrics(), "fit_seconds": round(fit_seconds, 4), "ms_per_image": round(scored.ms_per_image, 3)}
 
 
 # --------------------------------------------------------------------------- trainable heads
@@ -231,26 +288,30 @@ class CategoryData:
     holdout_index: torch.Tensor  # the ones it calibrates on (may be empty)
     test: TestSplit
     test_images: torch.Tensor
+    eval_index: np.ndarray | None  # the test images it is evaluated on (None: all)
     train_maps: Callable[[], SplitMaps]  # read back from the cache for each turn
     test_maps: Callable[[], SplitMaps]
     train_seconds_per_image: float  # backbone forward pass, as measured when the maps were cached
     test_seconds_per_image: float
 
 
-def load_category(source: FeatureSource, data_root: str | Path, category: str,
-                  holdout: Callable[[int], int]) -> CategoryData:
-    """Read a category's images, make sure the backbone's maps of them are cached, split off the hold-out."""
+def load_category(source: FeatureSource, data_root: str | Path, category: str, holdout_count: Callable[[int], int],
+                  holdout: Holdout | None = None, part: str = VALIDATION) -> CategoryData:
+    """Read a category's images, make sure the backbone's maps of them are cached, split off the training
+    images the head calibrates on (`holdout_count`), and pick the test images it is evaluated on (`part` of
+    the `holdout` split, or all)."""
     cfg = source.cfg
     train = load_train(data_root, category, cfg.image_size)
     test = load_test(data_root, category, cfg.image_size, with_images=False)
     test_images = load_images(test.paths, cfg.image_size)
     seconds = [source.split(data_root, category, split, lambda images=images: images).seconds_per_image
                for split, images in (("train", train), ("test", test_images))]
-    n_holdout = holdout(len(train))
+    n_holdout = holdout_count(len(train))
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))
     train_u8, test_u8 = to_uint8(train), to_uint8(test_images)
     return CategoryData(
         category, train_u8, order[n_holdout:].sort().values, order[:n_holdout].sort().values, test, test_u8,
+        test_index(test, category, holdout, part),
         lambda: source.split(data_root, category, "train", lambda: train_u8.float() / 255),
         lambda: source.split(data_root, category, "test", lambda: test_u8.float() / 255), *seconds,
     )
@@ -268,25 +329,24 @@ def train_epoch(head: TrainableHead, data: CategoryData, device: torch.device) -
     return loss, time.perf_counter() - start
 
 
-def score_category(head: TrainableHead, source: FeatureSource, data: CategoryData
-                   ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Anomaly maps and image scores of the category's test images, and the scoring seconds per image."""
+def score_category(head: TrainableHead, source: FeatureSource, data: CategoryData) -> ScoredImages:
+    """Anomaly maps and image scores of the category's evaluated test images (``data.eval_index``)."""
     size = source.cfg.batch_size
-    test = data.test_maps()
-    batches = ((maps, data.test_images[first:first + size])
-               for first, maps in zip(range(0, len(data.test_images), size), test.batches(size)))
+    at = None if data.eval_index is None else torch.as_tensor(data.eval_index, dtype=torch.long)
+    images = data.test_images if at is None else data.test_images[at]
+    batches = ((maps, images[first:first + size])
+               for first, maps in zip(range(0, len(images), size), data.test_maps().batches(size, at)))
     maps, scores, seconds = score_batches(head, batches, source.cfg, source.device)
-    return maps, scores, seconds / len(data.test_images)
+    ms = (data.test_seconds_per_image + seconds / len(images)) * 1000
+    return ScoredImages(maps, scores, *_ground_truth(data.test, data.eval_index), ms)
 
 
 def evaluate_trained(head: TrainableHead, source: FeatureSource, data: CategoryData,
                      train_seconds: float) -> dict[str, float]:
     """The metrics and costs of a trainable head after its latest epoch on `data`."""
-    maps, scores, score_seconds = score_category(head, source, data)
-    metrics = evaluate(maps, scores, data.test.masks, data.test.labels)
+    scored = score_category(head, source, data)
     fit = data.train_seconds_per_image * len(data.train_images) + train_seconds
-    ms = (data.test_seconds_per_image + score_seconds) * 1000
-    return {**metrics, "fit_seconds": round(fit, 4), "ms_per_image": round(ms, 3)}
+    return {**scored.metrics(), "fit_seconds": round(fit, 4), "ms_per_image": round(scored.ms_per_image, 3)}
 
 
 def train_head(head: TrainableHead, source: FeatureSource, data_root: str | Path, category: str,

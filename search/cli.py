@@ -1,9 +1,11 @@
-"""`anoseg search run | status | resume`, `anoseg weights list | fetch`, `anoseg export` and `anoseg dashboard`,
+"""`anoseg search run | status | resume | finalize`, `anoseg weights list | fetch`, `anoseg export` and `anoseg dashboard`,
 plugged into the anoseg CLI through an entry point."""
 from __future__ import annotations
 
 import argparse
 import sys
+
+from anoseg.metrics import METRIC_NAMES
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -19,6 +21,17 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from search.runner import resume_search, summary
 
     run = resume_search(args.run, address=args.address)
+    print(summary(run))
+    return 0
+
+
+def cmd_finalize(args: argparse.Namespace) -> int:
+    from search.finalize import finalize_run
+    from search.run_dir import RunDir
+    from search.runner import summary
+
+    run = RunDir.open(args.run)
+    finalize_run(run, top_k=args.top_k)
     print(summary(run))
     return 0
 
@@ -88,6 +101,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     resume.add_argument("--address", help="Ray cluster address (default: the one the run started with)")
     resume.set_defaults(func=cmd_resume)
 
+    finalize = commands.add_parser("finalize", help="evaluate a run's chosen trials once on the test part, with "
+                                   "intervals and ties (done when a search finishes; for a stopped run, or again)")
+    finalize.add_argument("run", help="run folder, e.g. results/quick")
+    finalize.add_argument("--top-k", type=int, help="finalise this many trials by the first objective (default: "
+                          "the space's selection.top_k)")
+    finalize.set_defaults(func=cmd_finalize)
+
     weights = sub.add_parser("weights", help="the backbone weights of search spaces: where from, whether here, "
                              "fetch them into the caches").add_subparsers(dest="weights_command", required=True)
     listing = weights.add_parser("list", help="per backbone of a space: where its weights come from and whether "
@@ -108,8 +128,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser("export", help="write a search run's best configuration (YAML with metrics and provenance)")
     export.add_argument("run", help="run folder, e.g. results/quick")
     export.add_argument("--out", required=True, help="YAML file to write, e.g. best.yaml")
-    export.add_argument("--objective", help="rank by this metric instead of the run's objective(s): image_auroc, "
-                        "pixel_auroc, aupro, pixel_f1_max, image_f1_max, fit_seconds, ms_per_image")
+    export.add_argument("--objective", help="rank by this metric instead of the run's objective(s): "
+                        + ", ".join(METRIC_NAMES))
     export.add_argument("--mode", choices=["max", "min"], help="max or min (default: the run's, or the metric's natural one)")
     export.add_argument("--per-category", action="store_true",
                         help="the best trial of each category (by <category>/<metric>), under `categories:`")

@@ -3,9 +3,12 @@
 Only COMPLETED trials (every category evaluated) count. Three kinds of file:
 
 * one objective (the run's, or ``--objective`` / ``--mode``): the best trial. The TrialConfig
-  fields sit at the top level, followed by two information sections, ``provenance`` (run name and
-  path, trial id, study name, objective and value, data root, categories, anoseg version, date) and
-  ``metrics`` (``mean`` and ``per_category``)::
+  fields sit at the top level, followed by three information sections, ``provenance`` (run name and
+  path, trial id, study name, objective and value, data root, categories, anoseg version, date),
+  ``selection`` (the protocol, its validation share and seed: ``anoseg fit`` chooses its thresholds on the
+  same validation part) and ``metrics`` (``measured_on``, ``mean`` and ``per_category``: the figures the
+  search ranked on; once the run is finalised (:mod:`search.finalize`) also ``interval``, ``tied_with_best``
+  and ``test``: the test part's figures with their intervals)::
 
       backbone: {name: tf_efficientnet_lite1, weights: offline}
       layers: [blocks.1, blocks.2]
@@ -15,7 +18,11 @@ Only COMPLETED trials (every category evaluated) count. Three kinds of file:
       seed: 0
       device: auto
       provenance: {...}
-      metrics: {mean: {...}, per_category: {...}}
+      selection: {protocol: holdout, validation_share: 0.5, seed: 0, ...}
+      metrics: {measured_on: the validation part, mean: {...}, per_category: {...}, interval: {...},
+                tied_with_best: true, test: {measured_on: the test part ..., mean: {...}, interval: {...}}}
+
+  With a finalised run and the run's objective, the trial is the finalised choice (``selection.prefer``).
 
 * ``--per-category``: the best trial of each category by ``<category>/<metric>`` under
   ``categories: {<category>: <configuration as above>}`` (plus a top-level ``provenance``);
@@ -38,6 +45,7 @@ from anoseg.config import TrialConfig
 from anoseg.errors import ConfigError
 from anoseg.exported import write_exported
 from anoseg.metrics import CATEGORY_METRICS, METRIC_NAMES, MODES, metric as metric_info
+from search.finalize import reported_on, selected_on
 from search.run_dir import COMPLETED, RunDir, RunError
 from search.storage import mask
 
@@ -137,12 +145,35 @@ def trial_configuration(run: RunDir, record: Mapping[str, Any]) -> dict[str, Any
     return TrialConfig.from_dict(raw, source=source, check_registries=False).to_dict()
 
 
-def _metrics_section(record: Mapping[str, Any], category: str | None = None) -> dict[str, Any]:
+def _metrics_section(record: Mapping[str, Any], protocol: str, category: str | None = None) -> dict[str, Any]:
+    """The search's figures (``measured_on`` says which images) and, once finalised, the test part's with the
+    bootstrap intervals and whether the trial is tied with the best."""
     per_category = {c: dict(m) for c, m in (record.get("per_category") or {}).items()}
     mean = {k: v for k, v in (record.get("metrics") or {}).items() if v is not None}
+    section: dict[str, Any] = {"measured_on": selected_on(protocol)}
     if category is not None:
-        return {"category": dict(per_category.get(category, {})), "mean": mean, "per_category": per_category}
-    return {"mean": mean, "per_category": per_category}
+        section["category"] = dict(per_category.get(category, {}))
+    section.update(mean=mean, per_category=per_category)
+    final = record.get("final")
+    if final:
+        if final.get("validation_interval"):
+            section["interval"] = final["validation_interval"]
+        section["tied_with_best"] = final.get("tied")
+        if protocol == "holdout" and final.get("test"):
+            section["test"] = {"measured_on": reported_on(protocol), "mean": final["test"],
+                               "per_category": final.get("test_per_category"),
+                               "interval": final.get("test_interval") or {}}
+        elif final.get("test_interval"):
+            section["interval"] = final["test_interval"]
+    return section
+
+
+def _selection(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """How the run chose: what ``anoseg fit`` needs to choose its thresholds on the same validation part."""
+    selection = dict(meta.get("selection") or {"protocol": "test"})
+    selection.pop("split", None)
+    return {**selection, "selected_on": selected_on(selection["protocol"]),
+            "reported_on": reported_on(selection["protocol"])}
 
 
 def _provenance(run: RunDir, meta: Mapping[str, Any], now: str) -> dict[str, Any]:
@@ -174,8 +205,9 @@ def _entry(run: RunDir, meta: Mapping[str, Any], record: Mapping[str, Any], obje
     }
     if rank is not None:
         provenance["pareto_rank"] = rank
-    return {**trial_configuration(run, record), "provenance": provenance,
-            "metrics": _metrics_section(record, category)}
+    protocol = _selection(meta)["protocol"]
+    return {**trial_configuration(run, record), "provenance": provenance, "selection": _selection(meta),
+            "metrics": _metrics_section(record, protocol, category)}
 
 
 def _describe(record: Mapping[str, Any], category: str | None = None) -> str:
@@ -188,6 +220,17 @@ def _describe(record: Mapping[str, Any], category: str | None = None) -> str:
     source = (record.get("per_category") or {}).get(category, {}) if category else record.get("metrics") or {}
     metrics = ", ".join(f"{k} {source[k]:.4g}" for k in CATEGORY_METRICS if _number(source.get(k)) is not None)
     return f"{record['trial_id']}: {backbone} [{layers}] {name}({settings}) | {metrics}"
+
+
+def _selection_notes(run: RunDir, meta: Mapping[str, Any]) -> list[str]:
+    protocol = _selection(meta)["protocol"]
+    if protocol == "test":
+        return ["note: selected on the test set (selection.protocol: test): its figures are optimistic; "
+                "selection.protocol: holdout reports on images that chose nothing"]
+    if not meta.get("final"):
+        return [f"note: the run is not finalised, so its figures are the validation part's only; "
+                f"`anoseg search finalize {run.path}` adds the test part's"]
+    return []
 
 
 def export_run(run_path: str | Path, out: str | Path, objective: str | None = None, mode: str | None = None,
@@ -252,7 +295,10 @@ def export_run(run_path: str | Path, out: str | Path, objective: str | None = No
         notes.extend(f"  {_describe(rec)}" for rec in front)
     else:
         o = objectives[0]
+        final = meta.get("final")
         rec = best_record(completed, o["metric"], o["mode"])
+        if final and o == final["objective"]:  # the finalised choice (prefer: cheapest_tied may pick a tied one)
+            rec = next((r for r in completed if r["trial_id"] == final["chosen"]), rec)
         if rec is None:  # pragma: no cover - measured_metrics guarantees a value
             raise RunError(f"no completed trial of {run.path} has {o['metric']}")
         document = _entry(run, meta, rec, objectives, now)
@@ -265,6 +311,8 @@ def export_run(run_path: str | Path, out: str | Path, objective: str | None = No
         notes.append(f"exported trial {rec['trial_id']} of run {run_name}, best of {len(completed)} completed "
                      f"trials by {o['metric']} ({o['mode']}), to {out}")
         notes.append(f"  {_describe(rec)}")
-    header.append("the provenance and metrics sections are information only: anoseg's loaders skip them")
+    notes.extend(_selection_notes(run, meta))
+    header.append(f"selected on {_selection(meta)['selected_on']}; reported on {_selection(meta)['reported_on']}")
+    header.append("the provenance, selection and metrics sections are information only: anoseg's loaders skip them")
     write_exported(out, document, header)
     return ExportResult(out, kind, objectives, trials, document, notes)

@@ -11,7 +11,8 @@ results/<name>/
   tune/            Ray Tune's experiment (restored by `resume`)
   trials/<id>.json one record per trial, rewritten as it progresses (atomic)
   checkpoints/     a trainable head's trial state after its last epoch, while the trial runs
-  trials.parquet   the collated table (+ trials.csv), rewritten after every trial
+  trials.parquet   the collated table (+ trials.csv), rewritten after every trial; test/<metric> columns
+                   for the trials finalised on the test part (search.finalize)
 ```
 Nothing here imports Ray: records are plain JSON written by the driver.
 """
@@ -191,11 +192,26 @@ def collate(records: Iterable[Mapping[str, Any]], meta: Mapping[str, Any]) -> pd
         for cat in categories:
             for key in CATEGORY_METRICS:
                 row[f"{cat}/{key}"] = rec.get("per_category", {}).get(cat, {}).get(key)
+        row.update(final_columns(rec.get("final")))
         rows.append(row)
     columns = ["trial_id", "status", "stop_reason", "duplicate_of", "error", "categories_done", "fidelity", "started", "ended", "wall_seconds",
                *REPORT_KEYS]
     df = pd.DataFrame(rows)
     return df if not df.empty else pd.DataFrame(columns=columns)
+
+
+def final_columns(final: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A finalised trial's columns (search.finalize): ``chosen``, ``tied``, the validation interval
+    ``<metric>_low`` / ``_high``, and its test figures ``test/<metric>`` with ``test/<metric>_low`` / ``_high``."""
+    if not final:
+        return {}
+    row: dict[str, Any] = {"chosen": bool(final.get("chosen")), "tied": final.get("tied")}
+    for name, (low, high) in (final.get("validation_interval") or {}).items():
+        row[f"{name}_low"], row[f"{name}_high"] = low, high
+    row.update({f"test/{key}": (final.get("test") or {}).get(key) for key in CATEGORY_METRICS})
+    for name, (low, high) in (final.get("test_interval") or {}).items():
+        row[f"test/{name}_low"], row[f"test/{name}_high"] = low, high
+    return row
 
 
 def best_trial(df: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:

@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from anoseg.metrics import QUALITY_METRICS
+from search.finalize import reported_on, run_selection, selected_on
 from search.preflight import PreflightError, run_preflight
 from search.run_dir import COMPLETED, ERROR, FAILED, LOST, RUNNING, SPACE_FILE, STOPPED, RunDir, RunError, best_trial
 from search.space_optuna import trial_config
@@ -27,6 +28,7 @@ def start_search(space_path: str | Path, *, data: str | None = None, name: str |
     space = load_space(space_path)
     data_root = Path(data or space.data_root).resolve()
     categories = resolve_categories(data_root, space.categories)  # fixed fidelity order for this search
+    selection = split_meta(space, data_root, categories)
     run = RunDir(Path(results) / (name or space.name))
     storage = resolve_storage(space.storage, run.path, cluster=on_cluster(address))
     expand(storage.url)  # an unset password variable fails before anything is created
@@ -55,6 +57,7 @@ def start_search(space_path: str | Path, *, data: str | None = None, name: str |
         "data_root": str(data_root),
         "categories": categories,
         "objectives": [{"metric": o.metric, "mode": o.mode} for o in space.objectives],
+        "selection": selection,
         "study_name": f"{run.path.name}-{time.strftime('%Y%m%d-%H%M%S')}",
         **storage_meta(storage),  # the password masked / as its ${VARIABLE}: never the password itself
         "address": address,
@@ -65,6 +68,17 @@ def start_search(space_path: str | Path, *, data: str | None = None, name: str |
     run.write_meta(meta)
     _fit(space, run, meta, address, resume=False)
     return run
+
+
+def split_meta(space: SearchSpace, data_root: str | Path, categories: list[str]) -> dict[str, Any]:
+    """What run.json records of the selection protocol: its settings and, for holdout, every category's split
+    (file names per part); a category too small to split is a DataError before anything starts."""
+    from anoseg.data import list_test
+
+    meta: dict[str, Any] = dict(space.selection)
+    if space.holdout is not None:
+        meta["split"] = {c: space.holdout.files(*list_test(data_root, c), c) for c in categories}
+    return meta
 
 
 def resume_search(run_path: str | Path, *, address: str | None = None) -> RunDir:
@@ -99,6 +113,10 @@ def _fit(space: SearchSpace, run: RunDir, meta: dict[str, Any], address: str | N
     counts = status_counts(run)
     status = "finished" if counts.get(RUNNING, 0) == 0 else "interrupted"
     run.update_meta(status=status, wall_seconds=run.read_meta().get("wall_seconds", 0) + time.time() - started)
+    if status == "finished" and counts.get(COMPLETED):
+        from search.finalize import finalize_run
+
+        finalize_run(run)
 
 
 def status_counts(run: RunDir) -> dict[str, int]:
@@ -129,22 +147,59 @@ def summary(run: RunDir) -> str:
         lines.append(f"wall time {meta['wall_seconds']:.0f} s")
     for _, row in df[df["status"].isin([FAILED, ERROR])].iterrows():
         lines.append(f"  {row['trial_id']} {row['status']}: {str(row['error']).strip().splitlines()[-1][:160]}")
+    protocol = run_selection(meta, space)["protocol"]
     best = best_trial(df, objective["metric"], objective["mode"])
     if best is None:
         lines.append("no trial has finished every category yet")
     else:
-        lines.append(spread_line(df, objective["metric"], objective["mode"]))
-        cfg = trial_config(space, run.read_record(best["trial_id"])["params"])
-        metric_text = ", ".join(f"{k} {best[k]:.4f}" for k in QUALITY_METRICS if best.get(k) is not None)
-        lines.append(f"best trial {best['trial_id']} by {objective['metric']} ({objective['mode']}): {metric_text}, "
-                     f"fit {best['fit_seconds']:.2f} s, {best['ms_per_image']:.1f} ms/image")
+        lines.append(spread_line(df, objective["metric"], objective["mode"]) + f", on {selected_on(protocol)}")
+        final = meta.get("final")
+        chosen = final["chosen"] if final else best["trial_id"]
+        row = df[df["trial_id"] == chosen].iloc[0]
+        cfg = trial_config(space, run.read_record(chosen)["params"])
+        metric_text = ", ".join(f"{k} {row[k]:.4f}" for k in QUALITY_METRICS if row.get(k) is not None)
+        how = f"chosen ({final['prefer']})" if final else "best so far"
+        lines.append(f"{how}: trial {chosen} by {objective['metric']} ({objective['mode']}) on "
+                     f"{selected_on(protocol)}: {metric_text}, fit {row['fit_seconds']:.2f} s, "
+                     f"{row['ms_per_image']:.1f} ms/image")
         lines.append("  " + yaml.safe_dump(cfg, sort_keys=False, default_flow_style=True).strip())
+        lines += final_lines(final) if final else [
+            f"not finalised yet: `anoseg search finalize {run.path}` evaluates the chosen trials on "
+            f"{reported_on(protocol)}"]
     lines.append(f"table: {run.path / 'trials.parquet'} (+ trials.csv); study: {mask(meta['storage'])} ({meta['study_name']})")
     try:
         lines.append(f"optuna-dashboard {run_storage(meta).dashboard_argument()}")
     except StorageError:
         pass
     return "\n".join(lines)
+
+
+def final_lines(final: dict[str, Any]) -> list[str]:
+    """The finalised trials: the objective on each part with its interval, and the ties with the best."""
+    metric, level = final["objective"]["metric"], final["level"]
+
+    def figure(entry: dict[str, Any], part: str) -> str:
+        value = (entry.get(part) or {}).get(metric)
+        if value is None:
+            return "-"
+        interval = (entry.get(f"{part}_interval") or {}).get(metric)
+        return f"{value:.4f}" + (f" [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "")
+
+    parts = final["parts"]
+    head = (f"finalised {len(final['trials'])} trials ({final['bootstrap']} bootstrap resamples, "
+            f"{level:.0%} intervals, {final['seconds']:.0f} s of which bootstrap {final['bootstrap_seconds']:.1f} s); "
+            f"{metric} on " + " | ".join(parts) + ("; * = tied with the best (paired difference interval holds 0)"
+                                                  if final["bootstrap"] else ""))
+    lines = [head]
+    for entry in final["trials"]:
+        mark = "*" if entry.get("tied") else " "
+        chosen = "  <- chosen" if entry["trial_id"] == final["chosen"] else ""
+        lines.append(f"  {mark} {entry['trial_id']} (search rank {entry['search_rank']}): "
+                     + " | ".join(figure(entry, part) for part in parts) + chosen)
+    if final["protocol"] == "test":
+        lines.append("  selected on the test set: these figures are optimistic (selection.protocol: holdout "
+                     "reports on images that chose nothing)")
+    return lines
 
 
 def spread_line(df: Any, metric: str, mode: str) -> str:

@@ -34,14 +34,16 @@ Fields
 Only ``dataset`` (with ``root``), ``objective`` and ``space`` are required; the others default to
 ``sampler: {name: tpe, seed: 0}``, ``scheduler: {name: none}``, ``budget: {trials: 20, max_concurrent: 1}``,
 ``resources: {cpu: 1, gpu: 0}``, ``storage: null``, ``cache: {enabled: true, path: null, max_gb: 20}``,
-``trial: {batch_size: 16, seed: 0, device: auto}``.
+``trial: {batch_size: 16, seed: 0, device: auto}``, ``selection: {protocol: holdout, validation_share: 0.5}``.
 
 * ``name``: letters, digits, ``_ . -``.
 * ``dataset``: ``root`` (required), ``categories`` ("all" or a list of unique names; ASHA's rungs follow it),
   ``image_size``.
 * ``objective``: a mapping or a list of mappings ``{metric, mode}`` (a bare metric name is also accepted).
-  Metrics (:data:`anoseg.metrics.METRIC_NAMES`): image_auroc, pixel_auroc, aupro, pixel_f1_max, image_f1_max
-  (quality, default mode max), fit_seconds, ms_per_image (cost, default mode min). Modes: max | min. Several
+  Metrics (:data:`anoseg.metrics.METRIC_NAMES`): image_auroc, pixel_auroc, aupro (to 30% FPR), pixel_f1_max,
+  image_f1_max, aupro_0.05 (to 5% FPR), seg_f1 (pixel F1 at mean + 3 std of the good validation pixels),
+  miss_rate_0.05 (defective images missed at 5% false alarms, mode min) (quality), fit_seconds, ms_per_image
+  (cost, mode min); each metric's default mode is its natural one. Modes: max | min. Several
   objectives make a Pareto front (use nsga2 or tpe, and scheduler none).
 * ``sampler.name`` and its options (anything else is an error; ``sampler: tpe`` is short for ``{name: tpe}``):
 
@@ -78,6 +80,15 @@ Only ``dataset`` (with ``root``), ``objective`` and ``space`` are required; the 
 * ``cache``: enabled (true), path (a shared folder, or null for the run folder), max_gb (> 0).
 * ``dedup`` (true): a trial whose effective configuration (the head's settings as it would run them: clamped to
   the layers' channels, ignored ones at their defaults) equals a completed trial's is answered from that record.
+* ``selection`` (:mod:`anoseg.holdout`, :mod:`search.finalize`): ``{protocol: holdout, validation_share: 0.5,
+  seed: 0, top_k: 3, prefer: best, bootstrap: 200, level: 0.95}``. ``holdout`` splits each category's test
+  images (stratified by defect type, deterministic) into a validation part, which every trial is evaluated and
+  ranked on, and a test part, which only the chosen configurations see, once, when the search ends
+  (``anoseg search finalize``): the best (or the Pareto set) and the top_k by the first objective, with
+  bootstrap intervals (``bootstrap`` resamples; 0: none) at ``level``. ``prefer: cheapest_tied`` chooses, among
+  the trials tied with the best (their paired difference interval holds 0), the one with the lowest
+  ms_per_image. ``protocol: test`` ranks and reports on all test images (as published MVTec AD tables do):
+  every output then says "selected on the test set".
 * ``trial``: batch_size, seed, device (auto | cpu | cuda | cuda:N; cuda needs resources.gpu > 0).
 * ``space.backbones``: backbone name (see ``anoseg backbones``) -> ``weights`` and ``layers``, a list of layer
   subsets, each a list of that backbone's layer names (``anoseg backbones --layers NAME``), no subset twice.
@@ -119,6 +130,7 @@ from pydantic import BeforeValidator, Discriminator, Field, Tag, ValidationError
 
 from anoseg.config import BatchSize, Device, ImageSize, Seed, Weights
 from anoseg.errors import AnosegError, ConfigError
+from anoseg.holdout import Holdout
 from anoseg.metrics import METRIC_NAMES, MODES, metric
 from anoseg.schema import FieldError, Schema, config_error, fail, hint
 from search.storage import SPEC_TEXT, check_spec
@@ -501,6 +513,24 @@ class Cache(Schema):
     max_gb: Number = Field(20, gt=0, description="a size in GB > 0")
 
 
+PROTOCOLS = ("holdout", "test")
+PREFERENCES = ("best", "cheapest_tied")
+
+
+class Selection(Schema):
+    """``selection``: which test images choose the configuration and which report it (anoseg.holdout)."""
+
+    example: ClassVar[str] = " (e.g. {protocol: holdout, validation_share: 0.5, seed: 0})"
+    protocol: Literal[PROTOCOLS] = "holdout"  # type: ignore[valid-type]
+    validation_share: Number = Field(0.5, gt=0, lt=1, description="a fraction strictly between 0 and 1")
+    seed: int = Field(0, ge=0)
+    top_k: int = Field(3, ge=1, description="a number of trials >= 1 evaluated on the test part at the end")
+    prefer: Literal[PREFERENCES] = "best"  # type: ignore[valid-type]
+    bootstrap: int = Field(200, ge=0, le=100_000, description="a number of bootstrap resamples, 0 (no intervals) "
+                                                              "to 100000")
+    level: Number = Field(0.95, gt=0.5, lt=1, description="a confidence level strictly between 0.5 and 1")
+
+
 class Trial(Schema):
     """The TrialConfig fields the search does not set."""
 
@@ -539,6 +569,7 @@ class SpaceFile(Schema):
     storage: Annotated[str | None, BeforeValidator(_storage)] = Field(None, description=STORAGE_TEXT)
     cache: Annotated[Cache, BeforeValidator(_or_empty)] = Cache()
     dedup: bool = True
+    selection: Annotated[Selection, BeforeValidator(_or_empty)] = Selection()
     trial: Annotated[Trial, BeforeValidator(_or_empty)] = Trial()
     space: Space
 
@@ -565,6 +596,9 @@ class SpaceFile(Schema):
                              "resources.gpu > 0 or device: auto | cpu", "trial.device")
         if self.sampler.name == "grid":
             self._check_grid()
+        if self.selection.prefer == "cheapest_tied" and len(self.objective) > 1:
+            raise FieldError("cheapest_tied picks among the trials tied on one objective; with several objectives "
+                             "the Pareto set is exported: use prefer: best", "selection.prefer")
         return self
 
     def _check_grid(self) -> None:
@@ -623,6 +657,7 @@ class SearchSpace:
     source: str = "space"
     cache: dict[str, Any] = field(default_factory=lambda: Cache().model_dump())
     dedup: bool = True  # answer a trial whose effective configuration has completed from that record
+    selection: dict[str, Any] = field(default_factory=lambda: Selection().model_dump())
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -666,6 +701,7 @@ class SearchSpace:
             "storage": self.storage,
             "cache": self.cache,
             "dedup": self.dedup,
+            "selection": self.selection,
             "trial": self.trial,
             "space": {
                 "backbones": self.backbones,
@@ -677,8 +713,18 @@ class SearchSpace:
     @classmethod
     def from_stored(cls, stored: Mapping[str, Any], source: str) -> "SearchSpace":
         """The SearchSpace of :meth:`to_stored`'s dict, its structure checked; no registry check, no torch, no
-        Optuna (for readers of a run folder)."""
+        Optuna (for readers of a run folder). A run stored before ``selection`` existed ranked its trials
+        on the test images: it reads back as ``protocol: test``."""
+        stored = dict(stored)
+        stored.setdefault("selection", {"protocol": "test"})
         return _space(stored, source)
+
+    @property
+    def holdout(self) -> Holdout | None:
+        """The validation/test split trials are ranked on (protocol holdout), or None (protocol test)."""
+        if self.selection["protocol"] != "holdout":
+            return None
+        return Holdout(float(self.selection["validation_share"]), int(self.selection["seed"]))
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -742,7 +788,8 @@ def _space(raw: Any, source: str) -> SearchSpace:
         backbones={name: entry.model_dump() for name, entry in spec.space.backbones.items()},
         heads={head: {param: s.model_dump() for param, s in specs.items()}
                for head, specs in spec.space.heads.items()},
-        source=source, cache=spec.cache.model_dump(), dedup=spec.dedup, raw=dict(raw),
+        source=source, cache=spec.cache.model_dump(), dedup=spec.dedup, selection=spec.selection.model_dump(),
+        raw=dict(raw),
     )
 
 

@@ -1,4 +1,5 @@
-"""The run dashboard on a synthetic run folder: sections, figures, failures, a run with nothing finished.
+"""The run dashboard on a synthetic run folder: sections, figures, failures, a run with nothing finished,
+the selection protocol (holdout or test) and the finalised trials (validation vs test).
 
 No Ray and no browser here (tests/test_dashboard_browser.py renders the page in Chromium).
 """
@@ -18,12 +19,14 @@ import pytest
 import yaml
 from plotly.offline import get_plotlyjs
 
-from anoseg.metrics import CATEGORY_METRICS
+from anoseg.metrics import CATEGORY_METRICS, QUALITY_METRICS
 from search.dashboard import FIGURE_IDS, SECTION_IDS, load_run, write_dashboard
-from search.dashboard.data import error_line, example_category, load_study, param_importances, pareto_mask
-from search.dashboard.figures import (GREY, NA, NO_VALUE, category_heatmap, comparison_figure, history_figure,
-                                      importance_figure, parallel_figure, pareto_figure)
-from search.dashboard.page import failures_html
+from search.dashboard.data import (error_line, example_category, final_table, load_study, param_importances,
+                                   pareto_mask, tied_with_best)
+from search.dashboard.figures import (GREY, NA, NO_VALUE, TIED_NAME, build_figures, category_heatmap,
+                                      comparison_figure, final_figure, history_figure, importance_figure,
+                                      parallel_figure, pareto_figure)
+from search.dashboard.page import failures_html, summary_html
 from search.run_dir import RunDir
 from search.space_optuna import distributions, layer_choice
 from search.space_schema import validate_space
@@ -65,10 +68,15 @@ def _config(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _per_category(rng: np.random.Generator, quality: float, n: int) -> dict[str, dict[str, float]]:
-    return {cat: {"image_auroc": min(1.0, quality + 0.02), "pixel_auroc": min(1.0, quality + 0.03),
-                  "aupro": float(np.clip(quality + rng.normal(0, 0.02), 0, 1)), "pixel_f1_max": quality - 0.2,
-                  "image_f1_max": quality, "fit_seconds": float(rng.uniform(0.2, 2)), "ms_per_image": float(rng.uniform(5, 60))}
-            for cat in CATEGORIES[:n]}
+    """Every metric of anoseg.metrics per category: aupro noisy around `quality`, the other quality metrics
+    derived from it, the costs random."""
+    def one() -> dict[str, float]:
+        values = {m: min(1.0, quality + 0.01 * i) for i, m in enumerate(QUALITY_METRICS)}
+        values.update({"aupro": float(np.clip(quality + rng.normal(0, 0.02), 0, 1)), "miss_rate_0.05": 1 - quality,
+                       "fit_seconds": float(rng.uniform(0.2, 2)), "ms_per_image": float(rng.uniform(5, 60))})
+        return values
+
+    return {cat: one() for cat in CATEGORIES[:n]}
 
 
 def _means(per_category: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -76,18 +84,23 @@ def _means(per_category: dict[str, dict[str, float]]) -> dict[str, float]:
 
 
 def make_run(root: Path, data_root: str | Path = "/nonexistent/data", *, completed: int = 6, stopped: int = 2,
-             failed: bool = True, running: int = 1, best_config: dict[str, Any] | None = None, name: str = "synth") -> Path:
+             failed: bool = True, running: int = 1, best_config: dict[str, Any] | None = None, name: str = "synth",
+             protocol: str | None = None) -> Path:
     """A run folder as a search leaves it: run.json, space.yaml, records and a matching Optuna study.
 
     `completed` trials saw every category, `stopped` ones 1-2, one `failed` (an unreadable image), one
     `error` (a crashed worker) and one `lost` record when `failed`, `running` ones mid-way. The best
-    completed trial gets `best_config` as its recorded configuration when given.
+    completed trial gets `best_config` as its recorded configuration when given. With `protocol` ("holdout"
+    or "test") run.json records the selection settings; without, the run is one from before selection
+    existed. :func:`finalize_fake` then adds what ``anoseg search finalize`` writes.
     """
     rng = np.random.default_rng(0)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     path = root / name
     path.mkdir(parents=True)
     space = _space_dict(str(data_root))
+    if protocol:
+        space["selection"] = {"protocol": protocol, "validation_share": 0.5, "seed": 0, "top_k": 3, "bootstrap": 200}
     (path / "space.yaml").write_text(yaml.safe_dump(space, sort_keys=False))
     run = RunDir(path)
     run.write_space(validate_space(space, "synth.yaml"))
@@ -95,6 +108,8 @@ def make_run(root: Path, data_root: str | Path = "/nonexistent/data", *, complet
             "categories": CATEGORIES, "objectives": [{"metric": "aupro", "mode": "max"}],
             "study_name": f"{name}-20260101-000000", "storage": run.study_url, "address": None,
             "created": 1.7e9, "status": "running" if running else "finished", "last_start": 1.7e9, "wall_seconds": 93.0}
+    if protocol:
+        meta["selection"] = {**validate_space(space, "synth.yaml").selection, "split": {c: {} for c in CATEGORIES}}
     run.write_meta(meta)
     dists = distributions(validate_space(space, "synth.yaml"))
     study = optuna.create_study(study_name=meta["study_name"], storage=meta["storage"], direction="maximize")
@@ -137,6 +152,38 @@ def make_run(root: Path, data_root: str | Path = "/nonexistent/data", *, complet
         i += 1
     run.write_table()
     return path
+
+
+def finalize_fake(path: Path, top_k: int = 3) -> dict[str, Any]:
+    """What search.finalize writes for the top `top_k` completed trials (run.json ``final``, each record's
+    ``final``, the table's finalised columns), with made-up test figures: the second trial is tied with the
+    best, the third is not; the best is chosen. Returns ``final``."""
+    run = RunDir(path)
+    meta = run.read_meta()
+    protocol = (meta.get("selection") or {}).get("protocol", "test")
+    parts = ["validation", "test"] if protocol == "holdout" else ["test"]
+    done = [r for r in run.records() if r["status"] == "completed"]
+    ranked = sorted(done, key=lambda r: -r["metrics"]["aupro"])[:top_k]
+    best = ranked[0]["trial_id"]
+    trials = []
+    for rank, rec in enumerate(ranked, start=1):
+        searched = rec["metrics"]["aupro"]  # what the trial was ranked on: validation part (holdout) or test set
+        figures = {"validation": searched, "test": searched - 0.01 * rank} if protocol == "holdout" else {"test": searched}
+        entry: dict[str, Any] = {"trial_id": rec["trial_id"], "search_rank": rank, "tied": rank <= 2,
+                                 "difference_interval": [-0.02 * rank, 0.0 if rank == 1 else 0.03 - 0.02 * rank],
+                                 "compared_with": best}
+        for part, value in figures.items():
+            entry[part] = {**rec["metrics"], "aupro": value}
+            entry[f"{part}_interval"] = {"aupro": [value - 0.02, value + 0.01 * rank]}
+        trials.append(entry)
+    final = {"protocol": protocol, "objective": {"metric": "aupro", "mode": "max"}, "objectives": meta["objectives"],
+             "prefer": "best", "chosen": best, "best_by_search": best, "pareto": [], "bootstrap": 200, "level": 0.95,
+             "parts": parts, "trials": trials, "seconds": 12.0, "bootstrap_seconds": 3.1}
+    for entry in trials:
+        run.update_record(entry["trial_id"], final={**entry, "chosen": entry["trial_id"] == best, "protocol": protocol})
+    run.update_meta(final=final)
+    run.write_table()
+    return final
 
 
 @pytest.fixture
@@ -352,3 +399,103 @@ def test_duplicates_are_marked(run_path):
     assert "duplicate of c0000000" in page and "duplicate (answered from a record)" in page
     fresh = write_dashboard(make_run(run_path.parent, name="plain"), examples=0).read_text()
     assert "duplicate of c" not in fresh and "already run, answered from its record" not in fresh
+
+
+# ----------------------------------------------------------------------------------------------- selection protocol
+
+
+def _trace(fig: go.Figure, name: str) -> Any:
+    return next(t for t in fig.data if t.name and t.name.startswith(name))
+
+
+@pytest.fixture
+def holdout_run(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+    path = make_run(tmp_path, protocol="holdout", running=0)
+    return path, finalize_fake(path)
+
+
+def test_final_figure_holdout_has_intervals_chosen_and_tied(holdout_run):
+    path, final = holdout_run
+    data = load_run(path)
+    assert data.protocol == "holdout" and data.part == "validation part"
+    assert {"chosen", "tied", "test/aupro", "aupro_low", "test/aupro_high"} <= set(data.df.columns)
+    fig = build_figures(data)["final"]
+    assert "validation part (ranked on) vs test part (never used to choose)" in fig.layout.title.text
+    by_id = {t["trial_id"]: t for t in final["trials"]}
+    order = [t["trial_id"] for t in sorted(final["trials"], key=lambda t: t["search_rank"])]
+    for part, name in (("validation", "validation part"), ("test", "test part")):
+        trace = _trace(fig, name)
+        low, high = np.array([by_id[t][f"{part}_interval"]["aupro"] for t in order]).T
+        y = np.array(trace.y, dtype=float)
+        assert np.allclose(y, [by_id[t][part]["aupro"] for t in order])
+        assert trace.error_y.visible and np.allclose(y + np.array(trace.error_y.array), high)
+        assert np.allclose(y - np.array(trace.error_y.arrayminus), low)
+    assert list(fig.layout.xaxis.ticktext) == [f"{i}. {t}" for i, t in enumerate(order, start=1)]
+    chosen = _trace(fig, "chosen: ")
+    assert chosen.name == f"chosen: {final['chosen']}"
+    assert list(chosen.y) == [by_id[final["chosen"]]["test"]["aupro"]]  # starred on the reported part
+    assert fig.layout.shapes, "the chosen trial's column is shaded"
+    tied = _trace(fig, TIED_NAME)
+    assert tied_with_best(final) == [order[1]]  # the best itself is not counted
+    assert list(tied.y) == [by_id[order[1]]["validation"]["aupro"]]
+    table = final_table(final, "aupro")
+    assert table["chosen"].tolist() == [True, False, False] and table["tied"].tolist() == [False, True, False]
+
+
+def test_summary_and_labels_holdout(holdout_run):
+    path, final = holdout_run
+    page = write_dashboard(path, examples=0).read_text()
+    assert page.count("<section id='final'>") == 1 and "<h2>Validation vs test</h2>" in page
+    assert "ranked on the validation part; final figures on the test part" in page
+    chosen = next(t for t in final["trials"] if t["trial_id"] == final["chosen"])
+    assert f"Chosen trial <code>{final['chosen']}</code>" in page
+    for part in ("validation", "test"):
+        low, high = chosen[f"{part}_interval"]["aupro"]
+        assert f"{chosen[part]['aupro']:.4f}</td><td>[{low:.4f}, {high:.4f}]" in page, part
+    tied = tied_with_best(final)[0]
+    assert f"1 of the other 2 finalised trials tied with the best ({tied})" in page
+    assert "Bootstrap: 200 resamples, 3.1 s (3.3% of the search's wall time" in page
+    assert "selected on the test set" not in page and "Not finalised yet" not in page
+    # the table's figures say they were measured on the validation part
+    assert "on the validation part: " in page and "metrics on the validation part" in page
+    figs = build_figures(load_run(path))
+    for fid in ("history", "parallel", "importance", "pareto", "heatmap", "comparison"):
+        assert "(validation part)" in figs[fid].layout.title.text, fid
+    assert figs["history"].layout.yaxis.title.text == "aupro (validation part)"
+
+
+def test_protocol_test_is_selected_on_the_test_set(tmp_path):
+    path = make_run(tmp_path, protocol="test", running=0)
+    final = finalize_fake(path)
+    data = load_run(path)
+    fig = final_figure(data.final, protocol=data.protocol)
+    assert "selected on the test set" in fig.layout.title.text
+    series = [t for t in fig.data if t.error_y and t.error_y.visible]
+    assert len(series) == 1 and series[0].name.startswith("test set")
+    low, high = next(t for t in final["trials"] if t["search_rank"] == 1)["test_interval"]["aupro"]
+    assert np.isclose(series[0].y[0] + series[0].error_y.array[0], high)
+    assert np.isclose(series[0].y[0] - series[0].error_y.arrayminus[0], low)
+    page = write_dashboard(path, examples=0).read_text()
+    assert "selected on the test set: figures optimistic" in page and "final figures on the test part" not in page
+    assert "Finalised trials (selected on the test set)" in page
+    assert "aupro (test set)" in page and "(validation part)" not in page
+
+
+def test_unfinalised_holdout_run_names_the_finalize_command(tmp_path):
+    path = make_run(tmp_path, protocol="holdout", running=0)
+    data = load_run(path)
+    fig = build_figures(data)["final"]
+    assert not fig.data and f"anoseg search finalize {path}" in fig.layout.annotations[0].text
+    summary = summary_html(data)
+    assert "Not finalised yet" in summary and f"anoseg search finalize {path}" in summary
+    assert "ranked on the validation part; final figures on the test part" in summary
+
+
+def test_old_run_without_selection_counts_as_selected_on_the_test_set(run_path):
+    data = load_run(run_path)
+    assert data.protocol == "test" and data.final is None
+    summary = summary_html(data)
+    assert "selected on the test set: figures optimistic" in summary and "before the selection protocol" in summary
+    assert "Not finalised yet" not in summary
+    fig = build_figures(data)["final"]
+    assert "anoseg search finalize" in fig.layout.annotations[0].text

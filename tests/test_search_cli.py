@@ -51,7 +51,8 @@ def test_status_of_a_run_folder(tmp_path, capsys):
     assert main(["search", "status", str(run.path)]) == 0
     out = capsys.readouterr().out
     assert "4 trials of 6" in out and "2 completed, 1 stopped" in out and "1 failed" in out
-    assert "best trial t1" in out  # the stopped trial's higher partial value does not count
+    assert "best so far: trial t1" in out  # the stopped trial's higher partial value does not count
+    assert "on the test set" in out  # a run from before the selection protocols ranked on the test set
     assert "cannot read image" in out
 
 

@@ -92,31 +92,38 @@ def load_train(root: str | Path, category: str, size: int) -> torch.Tensor:
     return load_images(paths, size)
 
 
+def list_test(root: str | Path, category: str) -> tuple[list[Path], list[str]]:
+    """The test image files of `category` and their defect types (``good`` for the good ones), sorted."""
+    test_dir = _category_dir(root, category) / "test"
+    if not test_dir.is_dir():
+        raise DataError(f"{test_dir} is missing: every category needs a test folder")
+    paths: list[Path] = []
+    defect_types: list[str] = []
+    for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+        for image_path in _image_files(defect_dir):
+            paths.append(image_path)
+            defect_types.append(defect_dir.name)
+    if not paths:
+        raise DataError(f"the test set {test_dir} has no images")
+    return paths, defect_types
+
+
 def load_test(root: str | Path, category: str, size: int, with_images: bool = True) -> TestSplit:
     """Test images with masks (empty for good images), labels and defect types.
 
     `with_images=False` reads only the ground truth (for cached features).
     """
     cat_dir = _category_dir(root, category)
-    test_dir = cat_dir / "test"
-    if not test_dir.is_dir():
-        raise DataError(f"{test_dir} is missing: every category needs a test folder")
-    paths: list[Path] = []
-    defect_types: list[str] = []
+    paths, defect_types = list_test(root, category)
     mask_paths: list[Path | None] = []
-    for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
-        for image_path in _image_files(defect_dir):
-            paths.append(image_path)
-            defect_types.append(defect_dir.name)
-            if defect_dir.name == GOOD:
-                mask_paths.append(None)
-                continue
-            mask_path = cat_dir / "ground_truth" / defect_dir.name / f"{image_path.stem}_mask.png"
-            if not mask_path.is_file():
-                raise DataError(f"defect image {image_path} has no mask: expected {mask_path}")
-            mask_paths.append(mask_path)
-    if not paths:
-        raise DataError(f"the test set {test_dir} has no images")
+    for image_path, defect in zip(paths, defect_types):
+        if defect == GOOD:
+            mask_paths.append(None)
+            continue
+        mask_path = cat_dir / "ground_truth" / defect / f"{image_path.stem}_mask.png"
+        if not mask_path.is_file():
+            raise DataError(f"defect image {image_path} has no mask: expected {mask_path}")
+        mask_paths.append(mask_path)
     images = load_images(paths, size) if with_images else None
     masks = np.stack([
         np.zeros((size, size), bool) if m is None else read_mask(m, size, image_path=p)

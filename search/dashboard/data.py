@@ -4,6 +4,11 @@
 :class:`RunData`; the rest derives what the page needs from it (trial table, status counts, top
 trials, the Pareto front, wall time, the Optuna study and its parameter importances).
 The space is the run folder's stored copy (:meth:`search.run_dir.RunDir.space`).
+
+Selection protocol: under ``holdout`` every trial's figures in the table were measured on the validation
+part of the test images and only the finalised trials (run.json ``final``, :mod:`search.finalize`) have
+test-part figures; under ``test`` (and in runs from before ``selection`` existed) the trials were ranked on
+the test set itself. :attr:`RunData.part` names what the table's figures were measured on.
 """
 from __future__ import annotations
 
@@ -57,6 +62,21 @@ class RunData:
     @property
     def mode(self) -> str:
         return self.objectives[0]["mode"]
+
+    @property
+    def final(self) -> dict[str, Any] | None:
+        """run.json's ``final`` section (:func:`search.finalize.finalize_run`), or None before finalising."""
+        return self.meta.get("final") or None
+
+    @property
+    def protocol(self) -> str:
+        """How the trials were ranked: "holdout" (validation part) or "test" (also a run from before selection)."""
+        return (self.final or {}).get("protocol") or (self.meta.get("selection") or {}).get("protocol") or "test"
+
+    @property
+    def part(self) -> str:
+        """What the trial table's figures were measured on: "validation part" or "test set"."""
+        return measured_on(self.protocol)
 
     def record(self, trial_id: str) -> dict[str, Any]:
         return next((r for r in self.records if r["trial_id"] == trial_id), {})
@@ -166,6 +186,39 @@ def example_category(best: Mapping[str, Any], categories: Sequence[str], metric:
         value, category = min(scored)
         return category, f"the category where this trial is worst ({metric} {value:.3f})"
     return categories[0], "the first category of the fidelity order"
+
+
+# ----------------------------------------------------------------------------------------------- selection
+
+
+def measured_on(protocol: str) -> str:
+    """What a run's trials were ranked (and their table figures measured) on, in a few words."""
+    return "validation part" if protocol == "holdout" else "test set"
+
+
+def tied_with_best(final: Mapping[str, Any]) -> list[str]:
+    """The finalised trials whose difference with the best holds 0, the best itself left out."""
+    return [t["trial_id"] for t in final.get("trials", [])
+            if t.get("tied") and t["trial_id"] != t.get("compared_with", final.get("best_by_search"))]
+
+
+def final_table(final: Mapping[str, Any], metric: str) -> pd.DataFrame:
+    """One row per finalised trial in search-rank order: trial_id, search_rank, chosen, tied and, per part
+    of ``final["parts"]``, the value of `metric` with its interval (``<part>``, ``<part>_low``, ``<part>_high``;
+    NaN when missing)."""
+    tied = set(tied_with_best(final))
+    rows = []
+    for trial in sorted(final.get("trials", []), key=lambda t: t.get("search_rank", math.inf)):
+        row = {"trial_id": trial["trial_id"], "search_rank": trial.get("search_rank"),
+               "chosen": trial["trial_id"] == final.get("chosen"), "tied": trial["trial_id"] in tied}
+        for part in final.get("parts", []):
+            low, high = (trial.get(f"{part}_interval") or {}).get(metric) or (None, None)
+            row.update({part: (trial.get(part) or {}).get(metric), f"{part}_low": low, f"{part}_high": high})
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    numeric = [c for c in df.columns if c not in ("trial_id", "chosen", "tied")]
+    df[numeric] = df[numeric].apply(pd.to_numeric, errors="coerce")
+    return df
 
 
 # ----------------------------------------------------------------------------------------------- quality vs cost

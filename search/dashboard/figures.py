@@ -2,6 +2,9 @@
 
 Each returns a ``go.Figure``; with nothing to show, a figure holding a note (:func:`note_figure`).
 :func:`build_figures` makes all of them for a run, by section id (:data:`FIGURE_IDS`).
+
+The trial table's figures are labelled with the part they were measured on (`part`: "validation part"
+under the holdout protocol, "test set" otherwise); only :func:`final_figure` shows test-part figures.
 """
 from __future__ import annotations
 
@@ -15,32 +18,41 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from search.dashboard.data import (TOP_N, ImportanceSet, RunData, missing, params_of, pareto_mask, prepare,
-                                   quality_and_cost, run_importances, space_distributions, top_trials, with_value)
+from search.dashboard.data import (TOP_N, ImportanceSet, RunData, final_table, missing, params_of, pareto_mask,
+                                   prepare, quality_and_cost, run_importances, space_distributions, top_trials,
+                                   with_value)
 from search.run_dir import COMPLETED, ERROR, FAILED, LOST, RUNNING, STOPPED
 from search.space_optuna import describe, short_value
 
-FIGURE_IDS = ("history", "parallel", "importance", "pareto", "heatmap", "comparison")
+FIGURE_IDS = ("final", "history", "parallel", "importance", "pareto", "heatmap", "comparison")
 STATUS_COLORS = {COMPLETED: "#2c6fbb", STOPPED: "#9e9e9e", RUNNING: "#f0a020", FAILED: "#d62728",
                  ERROR: "#8c1c13", LOST: "#7b5e57"}
 BEST_COLOR, FRONT_COLOR, GREY = "#e8590c", "#d62728", "#b0b0b0"
 NA = "n/a"
 NO_VALUE = "No completed, stopped or running trial with a value yet (failed ones are listed under Failed trials)."
 TEMPLATE = "plotly_white"
+PART_COLORS = {"validation": "#2c6fbb", "test": "#e8590c"}
+TIED_NAME = "tied with the best (difference interval holds 0)"
 
 
 def build_figures(data: RunData) -> dict[str, go.Figure]:
     """Every figure of the dashboard, by section id."""
-    metric, mode = data.metric, data.mode
+    metric, mode, part = data.metric, data.mode, data.part
     sets, notes = run_importances(data)
     return {
-        "history": history_figure(data.df, metric, mode),
-        "parallel": parallel_figure(data.df, metric, mode, space_distributions(data)),
-        "importance": importance_figure(sets, metric, notes),
-        "pareto": pareto_figure(data.df, *quality_and_cost(data.objectives)),
-        "heatmap": category_heatmap(data.df, data.categories, metric, mode, TOP_N),
-        "comparison": comparison_figure(data.df, metric, mode),
+        "final": final_figure(data.final, metric, mode, data.protocol, str(data.path)),
+        "history": history_figure(data.df, metric, mode, part),
+        "parallel": parallel_figure(data.df, metric, mode, space_distributions(data), part),
+        "importance": importance_figure(sets, metric, notes, part=part),
+        "pareto": pareto_figure(data.df, *quality_and_cost(data.objectives), part=part),
+        "heatmap": category_heatmap(data.df, data.categories, metric, mode, TOP_N, part=part),
+        "comparison": comparison_figure(data.df, metric, mode, part),
     }
+
+
+def on_part(metric: str, part: str = "") -> str:
+    """`metric` labelled with the part of the test images it was measured on, e.g. "aupro (validation part)"."""
+    return f"{metric} ({part})" if part else metric
 
 
 def note_figure(text: str, title: str = "", height: int = 220) -> go.Figure:
@@ -59,10 +71,90 @@ def duplicate_note(row: Any) -> str:
     return f"<br>duplicate of {original}: same effective configuration" if isinstance(original, str) and original else ""
 
 
-def history_figure(df: pd.DataFrame, metric: str = "aupro", mode: str = "max") -> go.Figure:
+def not_finalised_text(protocol: str, run_path: str = "RUN") -> str:
+    """The note of a run not finalised yet, naming the command that finalises it."""
+    if protocol == "holdout":
+        what = ("Not finalised yet: the trials were ranked on the validation part<br>"
+                "and none has been evaluated on the test part.")
+    else:
+        what = "Not finalised yet (no intervals, no ties); the trials were selected on the test set."
+    command = f"anoseg search finalize {html.escape(run_path)}"
+    return f"{what}<br>A search finalises itself when it finishes; otherwise run<br>{command}"
+
+
+def part_name(part: str, protocol: str) -> str:
+    """A finalised part's legend entry."""
+    if protocol != "holdout":
+        return "test set (ranked and reported on it)"
+    return "validation part (ranked on)" if part == "validation" else "test part (never used to choose)"
+
+
+def final_title(final: Mapping[str, Any], metric: str, protocol: str) -> str:
+    """The validation-vs-test figure's title: what was ranked on, what is reported on, the intervals."""
+    intervals = (f"{float(final.get('level', 0.95)):.0%} bootstrap intervals" if final.get("bootstrap")
+                 else "no bootstrap intervals (selection.bootstrap: 0)")
+    if protocol == "holdout":
+        return (f"{metric} of the finalised trials<br><sup>validation part (ranked on) vs test part "
+                f"(never used to choose), {intervals}</sup>")
+    return f"{metric} of the finalised trials<br><sup>selected on the test set: figures optimistic; {intervals}</sup>"
+
+
+def interval_trace(table: pd.DataFrame, part: str, x: np.ndarray, name: str, metric: str) -> go.Scatter:
+    """One part's values of the finalised trials with their intervals as error bars."""
+    y = table[part].to_numpy(dtype=float)
+    low, high = table[f"{part}_low"].to_numpy(dtype=float), table[f"{part}_high"].to_numpy(dtype=float)
+    spans = [("–" if math.isnan(lo) else f"[{lo:.4f}, {hi:.4f}]") for lo, hi in zip(low, high)]
+    return go.Scatter(
+        x=x, y=y, mode="markers", name=name, marker={"color": PART_COLORS.get(part, GREY), "size": 10},
+        error_y={"type": "data", "symmetric": False, "array": high - y, "arrayminus": y - low,
+                 "visible": bool(np.isfinite(low).any()), "thickness": 1.5, "width": 5},
+        customdata=np.stack([table["trial_id"], spans], axis=1),
+        hovertemplate=f"trial %{{customdata[0]}}<br>{metric} on the {part}: %{{y:.4f}}<br>"
+                      "interval %{customdata[1]}<extra></extra>")
+
+
+def final_figure(final: Mapping[str, Any] | None, metric: str = "aupro", mode: str = "max",
+                 protocol: str = "holdout", run_path: str = "RUN") -> go.Figure:
+    """The objective of each finalised trial on every part (validation, test) with its bootstrap interval, in
+    search-rank order; the chosen trial starred and shaded, the trials tied with the best ringed."""
+    if not final:
+        return note_figure(not_finalised_text(protocol, run_path), f"{metric} of the finalised trials", height=260)
+    metric, mode = final.get("objective", {}).get("metric", metric), final.get("objective", {}).get("mode", mode)
+    title = final_title(final, metric, protocol)
+    table = final_table(final, metric)
+    parts = list(final.get("parts") or ["test"])
+    if table.empty or not all(p in table for p in parts):
+        return note_figure("run.json's final section holds no finalised trial.", title)
+    positions = np.arange(len(table), dtype=float)
+    x = {part: positions + 0.15 * (i - (len(parts) - 1) / 2) for i, part in enumerate(parts)}
+    ranked_on, reported_on = parts[0], parts[-1]
+    fig = go.Figure([interval_trace(table, part, x[part], part_name(part, protocol), metric) for part in parts])
+    tied = table["tied"].to_numpy(dtype=bool)
+    if tied.any():
+        fig.add_trace(go.Scatter(x=x[ranked_on][tied], y=table[ranked_on][tied], mode="markers", name=TIED_NAME,
+                                 marker={"symbol": "circle-open", "size": 20, "color": "#444", "line": {"width": 2}},
+                                 hoverinfo="skip"))
+    chosen = table["chosen"].to_numpy(dtype=bool)
+    if chosen.any():
+        at = float(positions[chosen][0])
+        fig.add_vrect(x0=at - 0.4, x1=at + 0.4, fillcolor=BEST_COLOR, opacity=0.1, line_width=0, layer="below")
+        fig.add_trace(go.Scatter(x=x[reported_on][chosen], y=table[reported_on][chosen], mode="markers",
+                                 name=f"chosen: {table['trial_id'][chosen].iloc[0]}", hoverinfo="skip",
+                                 marker={"symbol": "star", "size": 18, "color": BEST_COLOR, "line": {"color": "white", "width": 1}}))
+    labels = [f"{'?' if missing(r) else int(r)}. {t}" for r, t in zip(table["search_rank"], table["trial_id"])]
+    fig.update_layout(template=TEMPLATE, title={"text": title, "font": {"size": 15}}, height=460, hovermode="closest",
+                      legend={"orientation": "h", "yanchor": "bottom", "y": 1.0, "x": 0},
+                      margin={"l": 60, "r": 20, "t": 110, "b": 80})
+    fig.update_xaxes(title="finalised trial (rank in the search)", tickvals=positions, ticktext=labels, tickangle=-30,
+                     range=[-0.6, len(table) - 0.4])
+    fig.update_yaxes(title=f"{metric}, {'higher' if mode == 'max' else 'lower'} is better")
+    return fig
+
+
+def history_figure(df: pd.DataFrame, metric: str = "aupro", mode: str = "max", part: str = "") -> go.Figure:
     """The objective of every finished trial in start order, with the best completed trial so far."""
     df = prepare(df)
-    title = f"{metric} ({mode}) per trial, in start order"
+    title = f"{on_part(metric, part)}, {mode}, per trial in start order"
     done, stopped, running = (with_value(df, status, metric) for status in (COMPLETED, STOPPED, RUNNING))
     if done.empty and stopped.empty and running.empty:
         return note_figure(NO_VALUE, title)
@@ -111,7 +203,7 @@ def history_figure(df: pd.DataFrame, metric: str = "aupro", mode: str = "max") -
                       legend={"orientation": "h", "yanchor": "bottom", "y": 1.0, "x": 0},
                       margin={"l": 60, "r": 20, "t": 80, "b": 50})
     fig.update_xaxes(title="trial (start order)", rangemode="tozero", dtick=max(1, int(df["number"].max()) // 20 or 1))
-    fig.update_yaxes(title=metric)
+    fig.update_yaxes(title=on_part(metric, part))
     return fig
 
 
@@ -159,10 +251,10 @@ def _dimension(label: str, values: Sequence[Any], dist: Any = None) -> dict[str,
 
 
 def parallel_figure(df: pd.DataFrame, metric: str = "aupro", mode: str = "max",
-                    dists: Mapping[str, Any] | None = None) -> go.Figure:
+                    dists: Mapping[str, Any] | None = None, part: str = "") -> go.Figure:
     """Parallel coordinates of the completed trials: backbone, layers, head, head settings, objective."""
     df = prepare(df)
-    title = f"Completed trials: parameters coloured by {metric}"
+    title = f"Completed trials: parameters coloured by {on_part(metric, part)}"
     done = with_value(df, COMPLETED, metric)
     if done.empty:
         return note_figure("No completed trial yet.", title)
@@ -181,12 +273,12 @@ def parallel_figure(df: pd.DataFrame, metric: str = "aupro", mode: str = "max",
     for key in sorted(p for p in params if p not in ("backbone", "head") and p not in layer_keys):
         dims.append(_dimension(key, done[f"param.{key}"].tolist(), dists.get(key)))
     values = done[metric].to_numpy(dtype=float)
-    dims.append({"label": metric, "values": values, "range": [float(values.min()), float(values.max())]
+    dims.append({"label": on_part(metric, part), "values": values, "range": [float(values.min()), float(values.max())]
                  if values.max() > values.min() else [float(values.min()) - 0.01, float(values.max()) + 0.01]})
     fig = go.Figure(go.Parcoords(
         dimensions=dims, labelangle=0, labelside="top",
         line={"color": values, "colorscale": "Viridis", "reversescale": mode == "min", "showscale": True,
-              "colorbar": {"title": {"text": metric}, "thickness": 14}},
+              "colorbar": {"title": {"text": on_part(metric, part)}, "thickness": 14}},
         labelfont={"size": 13}, tickfont={"size": 11}, rangefont={"size": 1, "color": "rgba(0,0,0,0)"},
     ))
     fig.update_layout(template=TEMPLATE, title=f"{title} ({len(done)} trials; n/a = setting of another head)",
@@ -195,9 +287,9 @@ def parallel_figure(df: pd.DataFrame, metric: str = "aupro", mode: str = "max",
 
 
 def importance_figure(sets: Sequence[ImportanceSet], metric: str = "aupro", notes: Sequence[str] = (),
-                      evaluator: str = "fANOVA") -> go.Figure:
+                      evaluator: str = "fANOVA", part: str = "") -> go.Figure:
     """One horizontal bar panel per set of trials (see :func:`param_importances`)."""
-    title = f"{evaluator} importance for {metric}, per set of complete trials, on the parameters the set shares"
+    title = f"{evaluator} importance for {on_part(metric, part)}, per set of complete trials, on the parameters the set shares"
     if not sets:
         return note_figure("<br>".join(notes) or "No parameter importance yet.", title)
     cols = min(3, len(sets))
@@ -224,11 +316,11 @@ def importance_figure(sets: Sequence[ImportanceSet], metric: str = "aupro", note
 
 
 def pareto_figure(df: pd.DataFrame, quality: tuple[str, str] = ("aupro", "max"),
-                  cost: tuple[str, str] = ("ms_per_image", "min")) -> go.Figure:
+                  cost: tuple[str, str] = ("ms_per_image", "min"), part: str = "") -> go.Figure:
     """Quality vs cost of the completed trials, the non-dominated ones highlighted and joined."""
     df = prepare(df)
     (qm, qmode), (cm, cmode) = quality, cost
-    title = f"{qm} vs {cm}: the Pareto front of the completed trials"
+    title = f"{on_part(qm, part)} vs {cm}: the Pareto front of the completed trials"
     done = with_value(df, COMPLETED, qm)
     done = done[done[cm].notna()] if cm in done else done.iloc[0:0]
     if done.empty:
@@ -264,7 +356,7 @@ def pareto_figure(df: pd.DataFrame, quality: tuple[str, str] = ("aupro", "max"),
     if log:
         ticks = log_ticks(low, high)
         fig.update_xaxes(type="log", tickvals=ticks, ticktext=[short_value(float(t)) for t in ticks])
-    fig.update_yaxes(title=f"{qm} ({'higher' if qmode == 'max' else 'lower'} is better)")
+    fig.update_yaxes(title=f"{on_part(qm, part)}, {'higher' if qmode == 'max' else 'lower'} is better")
     return fig
 
 
@@ -279,10 +371,11 @@ def log_ticks(low: float, high: float) -> list[float]:
 
 
 def category_heatmap(df: pd.DataFrame, categories: Sequence[str] | None = None, metric: str = "aupro",
-                     mode: str = "max", top: int = TOP_N, cell_metric: str = "aupro") -> go.Figure:
+                     mode: str = "max", top: int = TOP_N, cell_metric: str = "aupro", part: str = "") -> go.Figure:
     """Per-category `cell_metric` (pixel AUPRO) of the `top` completed trials by the objective."""
     df = prepare(df)
-    title = f"Pixel {cell_metric.upper() if cell_metric == 'aupro' else cell_metric} per category, top {top} completed trials by {metric}"
+    name = on_part(cell_metric.upper() if cell_metric == "aupro" else cell_metric, part)
+    title = f"Pixel {name} per category, top {top} completed trials by {metric}"
     best = top_trials(df, metric, mode, top)
     if categories is None or not len(categories):
         categories = [c.split("/")[0] for c in df.columns if c.endswith(f"/{cell_metric}")]
@@ -296,7 +389,7 @@ def category_heatmap(df: pd.DataFrame, categories: Sequence[str] | None = None, 
     configs = [describe(params_of(r)) for _, r in best.iterrows()]
     custom = [[configs[j] for j in range(len(labels))] for _ in rows]
     fig = go.Figure(go.Heatmap(
-        z=z, x=labels, y=rows, colorscale="Viridis", colorbar={"title": {"text": cell_metric}, "thickness": 14},
+        z=z, x=labels, y=rows, colorscale="Viridis", colorbar={"title": {"text": on_part(cell_metric, part)}, "thickness": 14},
         text=[[("" if missing(v) else f"{v:.3f}") for v in r] for r in z], texttemplate="%{text}",
         textfont={"size": 11}, customdata=custom, xgap=2, ygap=2,
         hovertemplate="%{x}<br>%{y}: %{z:.4f}<br>%{customdata}<extra></extra>",
@@ -308,10 +401,10 @@ def category_heatmap(df: pd.DataFrame, categories: Sequence[str] | None = None, 
     return fig
 
 
-def comparison_figure(df: pd.DataFrame, metric: str = "aupro", mode: str = "max") -> go.Figure:
+def comparison_figure(df: pd.DataFrame, metric: str = "aupro", mode: str = "max", part: str = "") -> go.Figure:
     """The objective per backbone and per head (boxes over completed trials, stopped ones as grey rings)."""
     df = prepare(df)
-    title = f"{metric} per backbone and per head"
+    title = f"{on_part(metric, part)} per backbone and per head"
     done, stopped = with_value(df, COMPLETED, metric), with_value(df, STOPPED, metric)
     if done.empty and stopped.empty:
         return note_figure(NO_VALUE, title)
@@ -332,17 +425,17 @@ def comparison_figure(df: pd.DataFrame, metric: str = "aupro", mode: str = "max"
                     hovertemplate=f"trial %{{customdata[0]}}<br>{metric} %{{y:.4f}}<br>%{{customdata[1]}}<extra></extra>",
                 ), row=1, col=col)
                 legend["completed"] = True
-            part = stopped[stopped[key].astype(str) == group]
-            if not part.empty:
+            cut = stopped[stopped[key].astype(str) == group]
+            if not cut.empty:
                 fig.add_trace(go.Scatter(
-                    x=[group] * len(part), y=part[metric], mode="markers", name="stopped early (partial mean)",
+                    x=[group] * len(cut), y=cut[metric], mode="markers", name="stopped early (partial mean)",
                     legendgroup="stopped", showlegend=not legend["stopped"],
                     marker={"color": GREY, "size": 8, "symbol": "circle-open", "line": {"width": 2}},
-                    customdata=np.stack([part["trial_id"], part["categories_done"].astype(str)], axis=1),
+                    customdata=np.stack([cut["trial_id"], cut["categories_done"].astype(str)], axis=1),
                     hovertemplate=f"trial %{{customdata[0]}}, stopped after %{{customdata[1]}} categories<br>{metric} %{{y:.4f}}<extra></extra>",
                 ), row=1, col=col)
                 legend["stopped"] = True
-    fig.update_yaxes(title=metric, row=1, col=1)
+    fig.update_yaxes(title=on_part(metric, part), row=1, col=1)
     fig.update_layout(template=TEMPLATE, title=title, height=440, boxmode="overlay",
                       legend={"orientation": "h", "yanchor": "bottom", "y": 1.1, "x": 1, "xanchor": "right"},
                       margin={"l": 60, "r": 20, "t": 90, "b": 60})

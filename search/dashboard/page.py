@@ -1,7 +1,8 @@
 """The dashboard page: one self-contained HTML file, plotly.js embedded once in the head.
 
-Sections (:data:`SECTION_IDS`): the run summary, the figures of :mod:`search.dashboard.figures`,
-the failed trials and the anomaly maps of the best trial (:mod:`search.examples`, the only part
+Sections (:data:`SECTION_IDS`): the run summary (with the selection protocol and, once the run is
+finalised, the chosen trial on the validation and the test part), the figures of
+:mod:`search.dashboard.figures`, the failed trials and the anomaly maps of the best trial (:mod:`search.examples`, the only part
 that needs the model stack, imported when examples are drawn).
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ import anoseg
 from anoseg.files import write_text_atomic
 from anoseg.metrics import CATEGORY_METRICS
 from search.dashboard.data import (FAILED_STATUSES, RunData, error_line, example_category, load_run,
-                                   missing, params_of, prepare, status_counts, wall_seconds)
+                                   missing, params_of, prepare, status_counts, tied_with_best, wall_seconds)
 from search.dashboard.figures import FIGURE_IDS, STATUS_COLORS, build_figures
 from search.run_dir import RUNNING, STOPPED, best_trial
 from search.space_optuna import describe
@@ -77,8 +78,71 @@ def duplicates_text(df: pd.DataFrame) -> str:
             "run, answered from its record, not recomputed)</span>") if n else ""
 
 
+def selection_html(data: RunData) -> str:
+    """How the trials were chosen and what the final figures are measured on, in one line."""
+    selection = data.meta.get("selection") or {}
+    if data.protocol == "holdout":
+        detail = (f" <span class='muted'>(validation share {_e(selection['validation_share'])}, seed "
+                  f"{_e(selection.get('seed', '?'))})</span>" if selection.get("validation_share") else "")
+        return "holdout: ranked on the validation part; final figures on the test part" + detail
+    why = "the trials were ranked on the images their figures are measured on"
+    if not selection and not data.final:
+        why += "; a run from before the selection protocol"
+    return f"<span class='warn'>selected on the test set: figures optimistic</span> <span class='muted'>({why})</span>"
+
+
+def _interval(values: Any) -> str:
+    return f"[{_fmt(float(values[0]))}, {_fmt(float(values[1]))}]" if values and not any(missing(v) for v in values) else "–"
+
+
+def final_html(data: RunData, now: float | None = None) -> str:
+    """The chosen trial's objective on each part with its interval, the trials tied with the best and the
+    bootstrap cost; for a holdout run not finalised yet, a note naming ``anoseg search finalize``."""
+    final = data.final
+    if not final:
+        if data.protocol != "holdout":
+            return ""
+        return ("<p class='note'>Not finalised yet: every figure on this page was measured on the validation part "
+                "and no trial has been evaluated on the test part. A search finalises itself when it finishes; "
+                f"otherwise run <code>anoseg search finalize {_e(data.path)}</code>.</p>")
+    metric = final.get("objective", {}).get("metric", data.metric)
+    chosen = next((t for t in final.get("trials", []) if t["trial_id"] == final.get("chosen")), None)
+    if chosen is None:
+        return "<p class='note'>run.json's final section names no chosen trial.</p>"
+    names = {"validation": "validation part (ranked on)", "test": "test part (never used to choose)"}
+    if data.protocol != "holdout":
+        names = {"test": "test set (selected on the test set: figures optimistic)"}
+    rows = "".join(f"<tr><td>{_e(names.get(part, part))}</td><td>{_fmt((chosen.get(part) or {}).get(metric))}</td>"
+                   f"<td>{_interval((chosen.get(f'{part}_interval') or {}).get(metric))}</td></tr>"
+                   for part in final.get("parts", []))
+    how = ("the cheapest of the trials tied with the best" if final.get("prefer") == "cheapest_tied"
+           else "the best of the search")
+    return (f"<h3>Chosen trial <code>{_e(chosen['trial_id'])}</code> ({how}), {_e(metric)}</h3>"
+            f"<table class='grid final'><thead><tr><th>measured on</th><th>{_e(metric)}</th>"
+            f"<th>{float(final.get('level', 0.95)):.0%} interval</th></tr></thead><tbody>{rows}</tbody></table>"
+            f"<p>{ties_text(final)}. <span class='muted'>{bootstrap_cost(final, wall_seconds(data.meta, now))}</span></p>")
+
+
+def ties_text(final: Mapping[str, Any]) -> str:
+    """How many finalised trials are tied with the best (their difference interval holds 0), and which."""
+    if not final.get("bootstrap"):
+        return "No bootstrap (selection.bootstrap: 0): no intervals and no ties"
+    tied = tied_with_best(final)
+    named = f" ({', '.join(_e(t) for t in tied)})" if tied else ""
+    return f"{len(tied)} of the other {len(final.get('trials', [])) - 1} finalised trials tied with the best{named}"
+
+
+def bootstrap_cost(final: Mapping[str, Any], wall: float | None) -> str:
+    """The bootstrap's resamples and seconds, as a share of the search's wall time."""
+    seconds = float(final.get("bootstrap_seconds") or 0.0)
+    share = f" ({seconds / wall:.1%} of the search's wall time, {_duration(wall)})" if wall else ""
+    return (f"Bootstrap: {int(final.get('bootstrap') or 0)} resamples, {seconds:.1f} s{share}; "
+            f"finalising took {_duration(final.get('seconds'))}.")
+
+
 def summary_html(data: RunData, now: float | None = None) -> str:
-    """Run facts, trials by status, the best trial with its configuration and metrics."""
+    """Run facts (the selection protocol among them), trials by status, the chosen trial on each part once the
+    run is finalised, the best trial of the search with its configuration and metrics."""
     meta, df = data.meta, data.df
     counts = status_counts(df)
     badges = "".join(f"<span class='badge' style='background:{STATUS_COLORS.get(s, '#555')}'>{n} {_e(s)}</span>"
@@ -91,6 +155,7 @@ def summary_html(data: RunData, now: float | None = None) -> str:
         ("data root", _e(meta.get("data_root", "?"))),
         ("categories", " → ".join(_e(c) for c in data.categories) + " <span class='muted'>(fidelity order)</span>"),
         ("objectives", _e(objectives)),
+        ("selection", selection_html(data)),
         ("trials", f"{len(df)}{f' of {budget}' if budget else ''} &nbsp; {badges}" + duplicates_text(df)),
         ("wall time", _duration(wall_seconds(meta, now)) + (" (still running)" if meta.get("status") == "running" else "")),
     ]
@@ -110,6 +175,7 @@ def summary_html(data: RunData, now: float | None = None) -> str:
     if meta.get("status") == "running" or counts.get(RUNNING):
         parts.append(f"<p class='note'>The search is still running ({counts.get(RUNNING, 0)} trial(s) in progress): "
                      "this page shows the state when it was generated; generate it again to update.</p>")
+    parts.append(final_html(data, now))
     best = best_trial(df, data.metric, data.mode) if not df.empty else None
     if best is None:
         parts.append("<p class='note big'>No trial has evaluated every category yet, so there is no best trial. "
@@ -120,10 +186,10 @@ def summary_html(data: RunData, now: float | None = None) -> str:
     config = data.config(best["trial_id"])
     config_text = yaml.safe_dump(config, sort_keys=False, default_flow_style=False).strip() if config else describe(params_of(best))
     parts.append(
-        f"<h3>Best trial <code>{_e(best['trial_id'])}</code> by {_e(data.metric)} ({_e(data.mode)}): "
-        f"{_fmt(best[data.metric])}</h3>"
+        f"<h3>Best trial <code>{_e(best['trial_id'])}</code> by {_e(data.metric)} ({_e(data.mode)}) on the "
+        f"{_e(data.part)}: {_fmt(best[data.metric])}</h3>"
         f"<div class='two'><div><h4>configuration</h4><pre>{_e(config_text)}</pre></div>"
-        f"<div><h4>metrics</h4>{metrics_table(record, data.categories)}"
+        f"<div><h4>metrics on the {_e(data.part)}</h4>{metrics_table(record, data.categories)}"
         f"<p class='muted'>wall time of the trial: {_duration(best.get('wall_seconds'))}; "
         f"peak memory {_fmt(best.get('peak_rss_mb'), 0)} MiB</p></div></div>")
     return "\n".join(parts)
@@ -219,6 +285,7 @@ footer { color:var(--muted); font-size:12px; padding-bottom:24px; }
 
 SECTION_TITLES = {
     "summary": "Run",
+    "final": "Validation vs test",
     "history": "Optimisation history",
     "parallel": "Parallel coordinates",
     "importance": "Parameter importance",
@@ -242,6 +309,8 @@ def render_html(data: RunData, examples: int = 4, now: float | None = None) -> s
     sections.append(("failures", failures_html(data.df)))
     sections.append(("examples", examples_html(data, examples)))
     titles = dict(SECTION_TITLES, failures=f"Failed trials ({n_failed})")
+    if data.protocol != "holdout":
+        titles["final"] = "Finalised trials (selected on the test set)"
     nav = " ".join(f"<a href='#{sid}'>{_e(titles[sid])}</a>" for sid, _ in sections)
     body = "\n".join(f"<section id='{sid}'><h2>{_e(titles[sid])}</h2>\n<div class='plot'>{content}</div></section>"
                      if sid in FIGURE_IDS else f"<section id='{sid}'><h2>{_e(titles[sid])}</h2>\n{content}</section>"
