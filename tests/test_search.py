@@ -52,7 +52,7 @@ def test_search_records_every_trial_and_keeps_optuna_honest(synthetic_root, tmp_
         if trial.state.name == "PRUNED":
             assert trial.intermediate_values, "a pruned trial keeps its last reported value"
     text = summary(run)
-    assert "best trial" in text and "6 trials of 6" in text
+    assert "chosen (best): trial" in text and "6 trials of 6" in text and "on the validation part" in text
 
 
 def test_failing_trial_is_recorded_and_the_search_goes_on(synthetic_root, tmp_path):
