@@ -15,24 +15,32 @@ from typing import Any, Sequence
 
 from anoseg.errors import AnosegError, ConfigError, DataError
 
-#: The columns of the evaluate / fit table (headers from anoseg.metrics): (metric, number format).
-TABLE_COLUMNS = (("image_auroc", ".3f"), ("pixel_auroc", ".3f"), ("aupro", ".3f"), ("pixel_f1_max", ".3f"),
-                 ("fit_seconds", ".2f"), ("ms_per_image", ".1f"))
+#: Number formats of the table columns that are not fractions in [0, 1] (those get ".3f").
+TABLE_FORMATS = {"fit_seconds": ".2f", "ms_per_image": ".1f"}
+
+
+def table_columns() -> tuple[tuple[str, str], ...]:
+    """The columns of the evaluate / fit table: every per-category metric of :data:`anoseg.metrics.METRICS`
+    (quality, then cost), in its order, as (metric, number format)."""
+    from anoseg.metrics import METRICS
+
+    return tuple((m.name, TABLE_FORMATS.get(m.name, ".3f")) for m in METRICS if m.kind in ("quality", "cost"))
 
 
 def format_table(per_category: dict[str, dict[str, float]], mean: dict[str, float]) -> str:
-    """A fixed-width table: one row per category plus the mean row."""
+    """A fixed-width table: one row per category plus the mean row (a missing figure is "-")."""
     from anoseg.metrics import metric
 
+    columns = [(key, fmt, max(9, len(metric(key).label))) for key, fmt in table_columns()]
     width = max(8, *(len(c) for c in per_category))
-    header = f"{'category':<{width}}  " + "  ".join(f"{metric(key).label:>9}" for key, _ in TABLE_COLUMNS)
+    header = f"{'category':<{width}}  " + "  ".join(f"{metric(key).label:>{w}}" for key, _, w in columns)
     rule = "-" * len(header)
     rows = [header, rule]
     for name, metrics in [*per_category.items(), (None, None), ("mean", mean)]:
         if name is None:
             rows.append(rule)
             continue
-        cells = [f"{'-':>9}" if metrics.get(key) is None else f"{metrics[key]:>9{fmt}}" for key, fmt in TABLE_COLUMNS]
+        cells = [f"{'-':>{w}}" if metrics.get(key) is None else f"{metrics[key]:>{w}{fmt}}" for key, fmt, w in columns]
         rows.append(f"{name:<{width}}  " + "  ".join(cells))
     return "\n".join(rows)
 
@@ -154,25 +162,67 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _entry_key(exported: Any, category: str, trial: str | None) -> str:
+    """The entry of an exported file that `select(category, trial)` reads."""
+    return {"single": "", "per_category": category}.get(exported.kind, trial or "")
+
+
+def fit_holdout(selection: dict[str, Any], validation_share: float | None, split_seed: int | None) -> Any:
+    """The holdout split `anoseg fit` chooses its thresholds with: the exported file's selection (its
+    validation_share and seed, under protocol holdout), overridden by --validation-share / --split-seed;
+    the defaults (0.5, 0) otherwise."""
+    from anoseg.holdout import Holdout
+
+    default = Holdout()
+    chosen = selection if selection.get("protocol") == "holdout" else {}
+    share = chosen.get("validation_share", default.validation_share) if validation_share is None else validation_share
+    seed = chosen.get("seed", default.seed) if split_seed is None else split_seed
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 < float(share) < 1.0:
+        raise ConfigError(f"the validation share must lie strictly between 0 and 1; got {share!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"the split seed must be an integer; got {seed!r}")
+    return Holdout(float(share), seed)
+
+
+def _at_thresholds(metrics: dict[str, Any], level: str) -> str:
+    parts = [f"{name} {metrics[f'{level}_{key}']:.3f}" if metrics.get(f"{level}_{key}") is not None else f"{name} -"
+             for key, name in (("f1", "F1"), ("precision", "precision"), ("recall", "recall"))]
+    return f"{level} " + ", ".join(parts)
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     from anoseg.exported import read_exported
     from anoseg.model import fit_model
 
-    cfg = read_exported(args.config).select(category=args.category, trial=args.trial)
+    exported = read_exported(args.config)
+    cfg = exported.select(category=args.category, trial=args.trial)
+    selection = exported.selection(_entry_key(exported, args.category, args.trial))
+    holdout = fit_holdout(selection, args.validation_share, args.split_seed)
     out = Path(args.out) if args.out else Path("models") / args.category
     if cfg.backbone.weights == "none":
         print("note: weights: none -> random-init backbone (the model folder says pretrained: false)", file=sys.stderr)
-    model = fit_model(cfg, args.data, args.category, out, device=args.device,
+    if selection.get("protocol") == "test":
+        print("note: the search chose this configuration on all test images (selection.protocol: test): the test "
+              "part's figures below saw that choice, so they are optimistic", file=sys.stderr)
+    print(f"split: holdout, validation share {holdout.validation_share:g}, seed {holdout.seed}"
+          + (" (from the exported selection)" if selection.get("protocol") == "holdout"
+             and args.validation_share is None and args.split_seed is None else ""), file=sys.stderr)
+    model = fit_model(cfg, args.data, args.category, out, device=args.device, holdout=holdout,
                       progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     m, t = model.metrics, model.thresholds
     print(f"{args.category}: backbone {cfg.backbone.name} ({model.info['backbone']['weights']}), "
           f"layers {', '.join(cfg.layers)}, head {cfg.head_name}, image size {cfg.image_size}")
+    on = model.info.get("metrics_on", "the test images")
     if "aupro" in m:
+        print(f"metrics of the {on}:")
         print(format_table({args.category: m}, m).rsplit("\n", 2)[0])
-    print(f"thresholds ({t.get('method')}): image score >= {t['image']:.6g} -> fail"
-          + (f" (F1 {t['image_f1']:.3f}, precision {t['image_precision']:.3f}, recall {t['image_recall']:.3f})"
-             if "image_f1" in t else "")
-          + f"; map pixel >= {t['pixel']:.6g} -> anomalous" + (f" (F1 {t['pixel_f1']:.3f})" if "pixel_f1" in t else ""))
+    print(f"thresholds: image score >= {t['image']:.6g} -> fail; map pixel >= {t['pixel']:.6g} -> anomalous")
+    chosen_on = t.get("chosen_on") or {}
+    print(f"  chosen by {t.get('method')}" + (f" ({chosen_on['n_good']} good, {chosen_on['n_defective']} defective "
+                                              "images)" if "n_good" in chosen_on else ""))
+    print(f"at these thresholds on the {on}: {_at_thresholds(m, 'image')}; {_at_thresholds(m, 'pixel')}")
+    for note in model.info.get("metrics_notes") or []:
+        print(f"note: {note}", file=sys.stderr)
     print(f"saved {out}/ (model.json, weights.safetensors)")
     return 0
 
@@ -218,7 +268,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
-    from anoseg.metrics import aupro, evaluate, f1_max, pixel_auroc
+    from anoseg.metrics import LOW_FPR_LIMIT, aupro, evaluate, f1_max, pixel_auroc, seg_f1
     from anoseg.data import find_mask, read_images, read_mask
     from anoseg.model import load_model
     from anoseg.overlays import overlay
@@ -282,6 +332,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(f"note: {len(unmasked)} of {len(ok)} images (outside good/ folders) have no mask under {args.masks}, "
                   f"counted as defect-free: {', '.join(map(str, unmasked[:3]))}{', ...' if len(unmasked) > 3 else ''}",
                   file=sys.stderr)
+        seg_threshold = model.thresholds.get("seg", model.thresholds["pixel"])  # older model folders: no "seg"
         if n_bad == 0:
             print(f"no metrics: none of the {len(ok)} images has a defect in its mask; "
                   f"{n_fail} of {len(ok)} defect-free images fail (false alarms)")
@@ -289,9 +340,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         elif n_bad == len(ok):
             print("only defective images: pixel-level metrics only (image metrics need defect-free images too)")
             metrics = {"pixel_auroc": pixel_auroc(masks, maps), "aupro": aupro(masks, maps),
-                       "pixel_f1_max": f1_max(masks, maps)}
-        else:
-            metrics = evaluate(maps, scores, masks, labels)
+                       "pixel_f1_max": f1_max(masks, maps), "aupro_0.05": aupro(masks, maps, LOW_FPR_LIMIT),
+                       "seg_f1": seg_f1(masks, maps, seg_threshold)}
+        else:  # seg_f1 at the threshold `anoseg fit` chose for it on the validation part's good pixels
+            metrics = evaluate(maps, scores, masks, labels, pixel_threshold=seg_threshold)
         if metrics:
             predicted = np.array([v == "fail" for v in verdicts])
             metrics["image_accuracy_at_threshold"] = float((predicted == labels).mean())
@@ -394,10 +446,16 @@ def build_parser() -> argparse.ArgumentParser:
     fit = sub.add_parser("fit", help="fit a configuration on one category and save the model folder")
     fit.add_argument("--config", required=True, help="trial configuration or `anoseg export` YAML")
     fit.add_argument("--data", required=True, help="dataset root in the MVTec AD layout")
-    fit.add_argument("--category", required=True, help="the category to fit (train/good) and evaluate (test)")
+    fit.add_argument("--category", required=True, help="the category to fit (train/good); its test images are "
+                     "split into a validation part (chooses the thresholds) and a test part (the reported metrics)")
     fit.add_argument("--out", help="model folder to write (default: models/<category>)")
     fit.add_argument("--trial", help="with a Pareto export: the trial id to fit")
     fit.add_argument("--device", help="override the config's device (auto, cpu, cuda)")
+    fit.add_argument("--validation-share", type=float, metavar="SHARE",
+                     help="share of each stratum of the test images in the validation part, in (0, 1) (default: "
+                     "the exported file's selection.validation_share, else 0.5)")
+    fit.add_argument("--split-seed", type=int, metavar="SEED",
+                     help="seed of the validation / test split (default: the exported file's selection.seed, else 0)")
     fit.set_defaults(func=cmd_fit)
 
     pr = sub.add_parser("predict", help="anomaly maps, scores and pass/fail verdicts for images")

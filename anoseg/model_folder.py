@@ -4,9 +4,16 @@
 models/brick/
   model.json           format + version, the trial configuration, backbone (name, weights provenance,
                        layers, normalisation), image size, head (name, settings, non-tensor state),
-                       decision thresholds and how they were chosen, metrics, data fingerprint
+                       decision thresholds and how and on which images they were chosen
+                       (thresholds.method, thresholds.chosen_on), the split of the test images
+                       (split: the holdout protocol's validation and test file names), the metrics
+                       and which images they are of (metrics_on: the test part), data fingerprint
   weights.safetensors  the backbone's state dict (keys "backbone.*") and the head's tensors ("head.*")
 ```
+
+Only ``format``, ``format_version``, ``config``, ``backbone``, ``head`` and ``thresholds`` (with ``image``
+and ``pixel``) are required to load a model: folders written before the holdout split (no ``split``,
+``metrics_on`` or ``thresholds.chosen_on``; thresholds chosen on all test images) still load.
 
 The folder is self-contained: the backbone weights travel with it, so loading needs neither the
 weights package nor the network. Reading uses JSON and safetensors only -- nothing is unpickled.

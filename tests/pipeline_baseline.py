@@ -40,7 +40,7 @@ def measure(data_root: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, cfg in CONFIGS.items():
         result = run_trial(cfg, data_root, CATEGORIES)
-        model = fit_model(cfg, data_root, CATEGORIES[0])
+        model = fit_model(cfg, data_root, CATEGORIES[0], holdout=None)  # all test images, as recorded
         test = load_test(data_root, CATEGORIES[0], cfg["image_size"])
         maps, scores = model.predict(test.images)
         out[name] = {
