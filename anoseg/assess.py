@@ -1,9 +1,10 @@
-"""The final assessment of a chosen configuration: fitted once per category, scored on every test image, its
-metrics on each part of the holdout split and their bootstrap replicates.
+"""The final assessment of a chosen configuration: fitted once per category, scored on every test image (and
+on the protocol's synthetic set), its metrics on each part and their bootstrap replicates.
 
-What a search ends with (:mod:`search.finalize`): the trials were ranked on the validation part; here the
-chosen ones are evaluated once on the test part. ``seg_f1`` on the test part uses the pixel threshold chosen on
-the validation part's good images (never on the test part). The bootstrap resamples a part's images within
+What a search ends with (:mod:`search.finalize`): the trials were ranked on the validation set (the validation
+part of the real test images and, for the synthetic and few_shot protocols, the generated defects); here the
+chosen ones are evaluated once on the real test part. ``seg_f1`` on the test part uses the pixel threshold
+chosen on the validation set's good images (never on the test part). The bootstrap resamples a part's images within
 each stratum (good, each defect type) with indices that depend only on the seed, the category and the part,
 so every configuration sees the same resamples: the replicates of two configurations are paired
 (:mod:`anoseg.bootstrap`).
@@ -13,6 +14,7 @@ the trials were ranked on, reported with their intervals.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +30,10 @@ from anoseg.config import TrialConfig
 from anoseg.data import list_test
 from anoseg.features import resolve_device
 from anoseg.heads import HEADS, create_head
-from anoseg.holdout import TEST, VALIDATION, Holdout
+from anoseg.holdout import TEST, VALIDATION, Protocol
 from anoseg.metrics import QUALITY_METRICS
-from anoseg.pipeline import FeatureSource, ScoredImages, fit_category, load_category, score_category, score_test, \
-    train_epoch, training_source
+from anoseg.pipeline import FeatureSource, ScoredImages, fit_category, load_category, score_category, score_synthetic, \
+    score_test, train_epoch, training_source
 from anoseg.thresholds import good_threshold
 
 __all__ = ["PartFigures", "CategoryAssessment", "assess_config", "part_resamples"]
@@ -56,6 +58,7 @@ class CategoryAssessment:
     seg_threshold: float
     seg_threshold_method: str
     bootstrap_seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)  # parts without figures, and why
 
 
 def part_resamples(strata: Sequence[str], n_boot: int, seed: int, category: str, part: str) -> np.ndarray:
@@ -64,7 +67,7 @@ def part_resamples(strata: Sequence[str], n_boot: int, seed: int, category: str,
 
 
 def assess_config(config: TrialConfig | Mapping[str, Any], data_root: str | Path, categories: Sequence[str],
-                  holdout: Holdout | None, metrics: Sequence[str], n_boot: int, seed: int,
+                  protocol: Protocol | None, metrics: Sequence[str], n_boot: int, seed: int,
                   cache: FeatureCache | None = None,
                   progress: Callable[[str], None] = lambda _msg: None) -> dict[str, CategoryAssessment]:
     """Fit `config` on each category and assess it on every part (see the module docstring); `metrics`: the
@@ -77,52 +80,73 @@ def assess_config(config: TrialConfig | Mapping[str, Any], data_root: str | Path
     wanted = [m for m in metrics if m in QUALITY_METRICS]
     out: dict[str, CategoryAssessment] = {}
     for category in categories:
-        scored, fit_seconds = _fit_and_score(cfg, source, data_root, category)
-        out[category] = _assess_scored(scored, fit_seconds, category, holdout, wanted, n_boot, seed, data_root)
+        real, synthetic, fit_seconds = _fit_and_score(cfg, source, data_root, category, protocol)
+        parts = _parts(real, synthetic, data_root, category, protocol)
+        out[category] = _assess_parts(parts, fit_seconds, real.ms_per_image, category, wanted, n_boot, seed)
         progress(f"  {category}: " + ", ".join(f"{part} {m} {fig.metrics[m]:.4f}" for part, fig in
-                                                out[category].parts.items() for m in wanted[:1]))
+                                                out[category].parts.items() for m in wanted[:1]) +
+                 "".join(f"; {note}" for note in out[category].notes))
     return out
 
 
-def _fit_and_score(cfg: TrialConfig, source: FeatureSource, data_root: str | Path,
-                   category: str) -> tuple[ScoredImages, float]:
-    """Fit the head on the category (a trainable head: all its epochs) and score all its test images."""
+def _fit_and_score(cfg: TrialConfig, source: FeatureSource, data_root: str | Path, category: str,
+                   protocol: Protocol | None) -> tuple[ScoredImages, ScoredImages | None, float]:
+    """Fit the head on the category (a trainable head: all its epochs; never on the images the protocol holds
+    out) and score all its real test images, and the protocol's synthetic set if it has one."""
     head = create_head(cfg.head_name, **cfg.head_params)
+    with_synthetic = protocol is not None and protocol.synthetic
     if not HEADS[cfg.head_name].trainable:
-        fit_seconds = fit_category(head, source, data_root, category)
-        return score_test(head, source, data_root, category, holdout=None), fit_seconds
+        fit_seconds = fit_category(head, source, data_root, category, protocol=protocol)
+        real = score_test(head, source, data_root, category, protocol, part=None)
+        synthetic = score_synthetic(head, source, data_root, category, protocol) if with_synthetic else None
+        return real, synthetic, fit_seconds
     head.setup(source.backbone, source.device)
     with training_source(source) as training:
-        data = load_category(training, data_root, category, head.holdout_count)
+        data = load_category(training, data_root, category, head.holdout_count, protocol)
         seconds = data.train_seconds_per_image * len(data.train_images)
         for _ in range(head.epochs):
             seconds += train_epoch(head, data, training.device)[1]
-        return score_category(head, training, data), seconds
+        real = score_category(head, training, dataclasses.replace(data, eval_index=None, synthetic=None))
+        synthetic = score_category(head, training, dataclasses.replace(
+            data, eval_index=np.zeros(0, dtype=int))) if data.synthetic is not None else None
+        return real, synthetic, seconds
 
 
-def _assess_scored(scored: ScoredImages, fit_seconds: float, category: str, holdout: Holdout | None,
-                   metrics: Sequence[str], n_boot: int, seed: int, data_root: str | Path) -> CategoryAssessment:
-    if holdout is None:
-        parts = {TEST: np.arange(len(scored.labels))}
-    else:
-        paths, defect_types = list_test(data_root, category)  # the order the scored images are in
-        parts = holdout.split(paths, defect_types, category)
+def _parts(real: ScoredImages, synthetic: ScoredImages | None, data_root: str | Path, category: str,
+           protocol: Protocol | None) -> dict[str, ScoredImages]:
+    """The scored images of each part: what the trials were ranked on (``validation``: real validation images
+    and the synthetic set) and the real test part (``test``); protocol test: one part, all test images."""
+    if protocol is None:
+        return {TEST: real}
+    paths, defect_types = list_test(data_root, category, required=not protocol.synthetic)
+    index = protocol.real_parts(paths, defect_types, category)
+    validation = [real.subset(index[VALIDATION])] + ([synthetic] if synthetic is not None else [])
+    return {VALIDATION: ScoredImages.join([p for p in validation if len(p.labels)]), TEST: real.subset(index[TEST])}
+
+
+def _assess_parts(parts: Mapping[str, ScoredImages], fit_seconds: float, ms_per_image: float, category: str,
+                  metrics: Sequence[str], n_boot: int, seed: int) -> CategoryAssessment:
     chooser = parts.get(VALIDATION, parts[TEST])  # the seg threshold comes from these images' good maps
-    threshold, method = good_threshold(scored.subset(chooser).good_maps().numpy())
+    threshold, method = good_threshold(chooser.good_maps().numpy())
     figures: dict[str, PartFigures] = {}
+    notes: list[str] = []
     boot_seconds = 0.0
-    for part, index in parts.items():
-        subset = scored.subset(index)
-        figures[part] = PartFigures(subset.metrics(pixel_threshold=threshold), n_images=len(index))
+    for part, scored in parts.items():
+        n_bad = int(scored.labels.sum())
+        if n_bad == 0 or n_bad == len(scored.labels):
+            notes.append(f"no {part} figures: its {len(scored.labels)} images hold {n_bad} defective (the metrics "
+                         "need good and defective images)")
+            continue
+        figures[part] = PartFigures(scored.metrics(pixel_threshold=threshold), n_images=len(scored.labels))
         if n_boot and metrics:
             begun = time.perf_counter()
-            resamples = part_resamples(subset.defect_types, n_boot, seed, category, part)
+            resamples = part_resamples(scored.defect_types, n_boot, seed, category, part)
             figures[part].replicates = {
-                m: bootstrap.replicates(m, resamples, labels=subset.labels, scores=subset.scores.numpy(),
-                                        masks=subset.masks.numpy(), maps=subset.maps.numpy(),
+                m: bootstrap.replicates(m, resamples, labels=scored.labels, scores=scored.scores.numpy(),
+                                        masks=scored.masks.numpy(), maps=scored.maps.numpy(),
                                         pixel_threshold=threshold)
                 for m in metrics}
             boot_seconds += time.perf_counter() - begun
-    where = "validation" if VALIDATION in parts else "test"
-    return CategoryAssessment(figures, round(fit_seconds, 4), round(scored.ms_per_image, 3), threshold,
-                              f"{method} of the {where} part's good images", round(boot_seconds, 4))
+    where = "validation set" if VALIDATION in parts else "test set"
+    return CategoryAssessment(figures, round(fit_seconds, 4), round(ms_per_image, 3), threshold,
+                              f"{method} of the {where}'s good images", round(boot_seconds, 4), notes)

@@ -23,11 +23,17 @@ import numpy as np
 
 from anoseg.errors import DataError
 
-__all__ = ["PARTS", "VALIDATION", "TEST", "Holdout", "split_test"]
+__all__ = ["PARTS", "VALIDATION", "TEST", "PROTOCOLS", "Holdout", "Protocol", "split_test", "file_names"]
 
 VALIDATION, TEST = "validation", "test"
 PARTS = (VALIDATION, TEST)
 GOOD = "good"
+#: How a search chooses and reports (``selection.protocol``); see :class:`Protocol`.
+PROTOCOLS = ("holdout", "test", "synthetic", "few_shot")
+GOOD_SOURCES = ("train", "test")
+#: The generator's defect kinds (:data:`anoseg.anomalies.KINDS`, named here so that reading a space file
+#: imports no torch).
+DEFECT_KINDS = ("patch", "texture", "cutpaste", "cutpaste_scar", "intensity", "blur", "noise")
 
 
 def _rank(seed: int, category: str, stratum: str, name: str) -> bytes:
@@ -93,3 +99,120 @@ class Holdout:
         names = [f"{Path(p).parent.name}/{Path(p).name}" for p in paths]
         parts = split_test(names, defect_types, self.validation_share, self.seed, category)
         return {part: [names[i] for i in index] for part, index in parts.items()}
+
+
+def file_names(paths: Sequence[Path | str]) -> list[str]:
+    """``<defect>/<file>`` of each test image path (unique within a category)."""
+    return [f"{Path(p).parent.name}/{Path(p).name}" for p in paths]
+
+
+def _ranked(names: Sequence[str], seed: int, category: str, stratum: str) -> list[int]:
+    return sorted(range(len(names)), key=lambda i: _rank(seed, category, stratum, names[i]))
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """What a search ranks its trials on (the *validation set*) and what it reports on (the *test part*).
+
+    - ``holdout``: the validation part of each category's test images (:func:`split_test`); the test part is
+      the rest.
+    - ``test``: all test images, for ranking and reporting alike (selected on the test set).
+    - ``synthetic``: no real defect is used to choose. ``n_images`` good images (held out of fitting from
+      train/good, or taken from test/good with ``good_source: test``) and a generated defect on each of them
+      (:mod:`anoseg.anomalies`, ``kinds``) are the validation set; every real test image (except test/good
+      images used as bases) is the test part. A category needs no defective image at all.
+    - ``few_shot``: as ``synthetic``, plus ``defects_per_type`` real defective images of each defect type in
+      the validation set; the remaining real test images are the test part.
+
+    The real images' split depends only on file names and the seed (:func:`_rank`), never on listing order.
+    """
+
+    name: str = "holdout"
+    validation_share: float = 0.5
+    seed: int = 0
+    n_images: int = 20
+    kinds: tuple[str, ...] | None = None
+    good_source: str = "train"
+    defects_per_type: int = 1
+
+    @classmethod
+    def from_selection(cls, selection: Mapping[str, object]) -> "Protocol":
+        """The protocol of a space's (normalised) ``selection`` section."""
+        kinds = selection.get("kinds")
+        return cls(str(selection.get("protocol", "holdout")), float(selection.get("validation_share", 0.5)),
+                   int(selection.get("seed", 0)), int(selection.get("n_images", 20)),
+                   tuple(kinds) if kinds else None, str(selection.get("good_source", "train")),
+                   int(selection.get("defects_per_type", 1)))
+
+    @property
+    def synthetic(self) -> bool:
+        """Whether the validation set holds generated defects."""
+        return self.name in ("synthetic", "few_shot")
+
+    @property
+    def ranking_part(self) -> str:
+        """The part of the real test images that trials are ranked on (with the synthetic set, if any)."""
+        return TEST if self.name == "test" else VALIDATION
+
+    def real_parts(self, paths: Sequence[Path | str], defect_types: Sequence[str],
+                   category: str) -> dict[str, np.ndarray]:
+        """The real test images of each part (``{"test": all}`` for protocol test)."""
+        names, n = file_names(paths), len(paths)
+        if self.name == "test":
+            return {TEST: np.arange(n)}
+        if self.name == "holdout":
+            return split_test(names, defect_types, self.validation_share, self.seed, category)
+        bases = set(self.test_good_bases(paths, defect_types, category).tolist())  # in the synthetic set
+        shots = self._few_shot_defects(names, defect_types, category) if self.name == "few_shot" else []
+        used = bases | set(shots)
+        return {VALIDATION: np.asarray(sorted(shots), dtype=int),
+                TEST: np.asarray([i for i in range(n) if i not in used], dtype=int)}
+
+    def _few_shot_defects(self, names: Sequence[str], defect_types: Sequence[str], category: str) -> list[int]:
+        by_type: dict[str, list[int]] = {}
+        for i, kind in enumerate(defect_types):
+            if kind != GOOD:
+                by_type.setdefault(kind, []).append(i)
+        if not by_type:
+            raise DataError(f"category {category or '?'} has no defective test image: few_shot validates on "
+                            f"{self.defects_per_type} real defect(s) per type; use selection: {{protocol: synthetic}}")
+        chosen = []
+        for kind, members in sorted(by_type.items()):
+            ranked = sorted(members, key=lambda i: _rank(self.seed, category, kind, names[i]))
+            chosen += ranked[:self.defects_per_type]
+        return chosen
+
+    def test_good_bases(self, paths: Sequence[Path | str], defect_types: Sequence[str],
+                        category: str) -> np.ndarray:
+        """With ``good_source: test``: the good test images the synthetic set is made from (sorted indices)."""
+        if not self.synthetic or self.good_source != "test":
+            return np.zeros(0, dtype=int)
+        names = file_names(paths)
+        good = [i for i, kind in enumerate(defect_types) if kind == GOOD]
+        if len(good) < 2:
+            raise DataError(f"category {category or '?'} has {len(good)} good test image(s): good_source: test "
+                            "needs at least 2 (or use good_source: train)")
+        ranked = sorted(good, key=lambda i: _rank(self.seed, category, GOOD, names[i]))
+        return np.sort(np.asarray(ranked[:self.n_images], dtype=int))
+
+    def train_held_out(self, n_train: int, category: str) -> np.ndarray:
+        """The training images held out of fitting as the synthetic set's good images (sorted indices)."""
+        if not self.synthetic or self.good_source != "train":
+            return np.zeros(0, dtype=int)
+        n = min(self.n_images, n_train // 2)
+        if n < 2:
+            raise DataError(f"category {category or '?'} has {n_train} training image(s): the {self.name} protocol "
+                            f"holds up to half of them (n_images {self.n_images}) out of fitting and needs at least "
+                            "2; add training images or use good_source: test")
+        order = sorted(range(n_train), key=lambda i: _rank(self.seed, category, "train", str(i)))
+        return np.sort(np.asarray(order[:n], dtype=int))
+
+    def generator_seed(self, category: str) -> int:
+        """The defect generator's seed for one category (stable across machines)."""
+        digest = hashlib.blake2b(f"{self.seed}\0{category}\0defects".encode(), digest_size=4).digest()
+        return int.from_bytes(digest, "big")
+
+    def key(self) -> str:
+        """What the synthetic set depends on besides the data (a feature-cache split name)."""
+        text = f"{self.good_source}|{self.n_images}|{','.join(self.kinds or ())}|{self.seed}"
+        return "synthetic-" + hashlib.blake2b(text.encode(), digest_size=6).hexdigest()

@@ -33,12 +33,12 @@ import torch.nn.functional as F
 
 from anoseg.cache import CacheKey, FeatureCache, cached_layer_maps
 from anoseg.config import TrialConfig
-from anoseg.data import category_fingerprint, load_images, load_test, load_train
+from anoseg.data import category_fingerprint, list_test, load_images, load_test, load_train
 from anoseg.data.mvtec import TestSplit
 from anoseg.features import combine_layers, extract_layers, iter_layer_maps, layer_map_batches, synchronize, \
     total_channels
 from anoseg.heads import AnyHead, Head, TrainableHead
-from anoseg.holdout import VALIDATION, Holdout
+from anoseg.holdout import VALIDATION, Protocol
 from anoseg.metrics import evaluate
 
 MAP_SIGMA = 4.0
@@ -218,18 +218,41 @@ class ScoredImages:
         return evaluate(self.maps, self.scores, self.masks, self.labels, pixel_threshold=pixel_threshold)
 
 
-def test_index(test: TestSplit, category: str, holdout: Holdout | None, part: str) -> np.ndarray | None:
-    """The test images a trial evaluates: those of `part` of the holdout split, or all (None) without one."""
-    return None if holdout is None else holdout.split(test.paths, test.defect_types, category)[part]
+    @staticmethod
+    def join(parts: Sequence["ScoredImages"]) -> "ScoredImages":
+        """One set of several (e.g. real validation images and generated ones); the cost is per image over all."""
+        sizes = [len(p.labels) for p in parts]
+        ms = sum(p.ms_per_image * n for p, n in zip(parts, sizes)) / max(1, sum(sizes))
+        return ScoredImages(torch.cat([p.maps for p in parts]), torch.cat([p.scores for p in parts]),
+                            torch.cat([p.masks for p in parts]), np.concatenate([p.labels for p in parts]),
+                            [t for p in parts for t in p.defect_types], ms)
+
+
+def real_index(test: TestSplit, category: str, protocol: Protocol | None, part: str | None) -> np.ndarray | None:
+    """The real test images of `part` under `protocol` (None: all of them)."""
+    if protocol is None or part is None:
+        return None
+    return protocol.real_parts(test.paths, test.defect_types, category).get(part, np.zeros(0, dtype=int))
+
+
+def fit_index(n_train: int, train_share: float, seed: int, held_out: np.ndarray) -> torch.Tensor | None:
+    """The training images a head is fitted on: all but the `held_out` ones (the synthetic set's good images),
+    and of those the `train_share` subset (:func:`training_subset`); None for all."""
+    kept = np.setdiff1d(np.arange(n_train), held_out)
+    subset = training_subset(len(kept), train_share, seed)
+    if subset is None:
+        return None if len(kept) == n_train else torch.as_tensor(kept)
+    return torch.as_tensor(kept)[subset]
 
 
 def fit_category(head: Head, source: FeatureSource, data_root: str | Path, category: str,
-                 train_share: float = 1.0) -> float:
-    """Fit a feature head on one category's training images (or a share of them); returns the fit seconds
-    (backbone forward, as measured when cached, + head fit)."""
+                 train_share: float = 1.0, protocol: Protocol | None = None) -> float:
+    """Fit a feature head on one category's training images (or a share of them, never those the protocol
+    holds out); returns the fit seconds (backbone forward, as measured when cached, + head fit)."""
     cfg, device = source.cfg, source.device
     train = source.split(data_root, category, "train", lambda: load_train(data_root, category, cfg.image_size))
-    subset = training_subset(len(train), train_share, cfg.seed)
+    held_out = protocol.train_held_out(len(train), category) if protocol else np.zeros(0, dtype=int)
+    subset = fit_index(len(train), train_share, cfg.seed, held_out)
     n_used = len(train) if subset is None else len(subset)
     synchronize(device)
     start = time.perf_counter()
@@ -239,12 +262,14 @@ def fit_category(head: Head, source: FeatureSource, data_root: str | Path, categ
 
 
 def score_test(head: Head, source: FeatureSource, data_root: str | Path, category: str,
-               holdout: Holdout | None = None, part: str = VALIDATION) -> ScoredImages:
-    """Score a fitted feature head on the category's test images (only `part` of them with a holdout split);
-    the test images are decoded only when their features are not cached."""
+               protocol: Protocol | None = None, part: str | None = VALIDATION) -> ScoredImages:
+    """Score a fitted feature head on the category's real test images (only `part` of them under a
+    protocol; part None: all); the images are decoded only when their features are not cached."""
     cfg = source.cfg
-    test = load_test(data_root, category, cfg.image_size, with_images=False)
-    index = test_index(test, category, holdout, part)
+    test = load_test(data_root, category, cfg.image_size, with_images=False, required=not _optional(protocol))
+    index = real_index(test, category, protocol, part)
+    if not test.paths or (index is not None and not len(index)):
+        return ScoredImages(*_nothing_scored(cfg.image_size))
     test_maps = source.split(data_root, category, "test", lambda: load_images(test.paths, cfg.image_size))
     at = None if index is None else torch.as_tensor(index, dtype=torch.long)
     maps, scores, seconds = score_batches(head, ((b, None) for b in test_maps.batches(cfg.batch_size, at)), cfg,
@@ -261,13 +286,90 @@ def _ground_truth(test: TestSplit, index: np.ndarray | None) -> tuple[torch.Tens
         [test.defect_types[i] for i in index]
 
 
+def _optional(protocol: Protocol | None) -> bool:
+    """Whether real test images are optional (a protocol that validates on generated defects)."""
+    return protocol is not None and protocol.synthetic
+
+
+def _nothing_scored(size: int) -> tuple:
+    return (torch.zeros(0, size, size), torch.zeros(0), torch.zeros(0, size, size, dtype=torch.bool),
+            np.zeros(0, dtype=int), [], 0.0)
+
+
+def score_synthetic(head: Head, source: FeatureSource, data_root: str | Path, category: str,
+                    protocol: Protocol) -> ScoredImages:
+    """Score a fitted feature head on the protocol's synthetic set (good images and a generated defect on each)."""
+    cfg = source.cfg
+    made = synthetic_set(data_root, category, cfg.image_size, protocol)
+    maps_of = source.split(data_root, category, protocol.key(), lambda: made.images)
+    maps, scores, seconds = score_batches(head, ((b, None) for b in maps_of.batches(cfg.batch_size)), cfg,
+                                          source.device)
+    ms = (maps_of.seconds_per_image + seconds / len(maps)) * 1000
+    return ScoredImages(maps, scores, made.masks, made.labels, made.defect_types, ms)
+
+
+def score_validation(head: Head, source: FeatureSource, data_root: str | Path, category: str,
+                     protocol: Protocol | None) -> ScoredImages:
+    """What trials are ranked on: all test images (no protocol), or the protocol's ranking part of the real
+    test images together with its synthetic set."""
+    if protocol is None:
+        return score_test(head, source, data_root, category)
+    parts = [score_test(head, source, data_root, category, protocol, protocol.ranking_part)]
+    if protocol.synthetic:
+        parts.append(score_synthetic(head, source, data_root, category, protocol))
+    return ScoredImages.join([p for p in parts if len(p.labels)])
+
+
 def evaluate_category(head: Head, source: FeatureSource, data_root: str | Path, category: str,
-                      train_share: float = 1.0, holdout: Holdout | None = None) -> dict[str, float]:
-    """Fit a feature head on one category's training images (or a share of them) and evaluate it on its test
-    images: the validation part of them with a holdout split, else all."""
-    fit_seconds = fit_category(head, source, data_root, category, train_share)
-    scored = score_test(head, source, data_root, category, holdout)
+                      train_share: float = 1.0, protocol: Protocol | None = None) -> dict[str, float]:
+    """Fit a feature head on one category's training images (or a share of them) and evaluate it on what the
+    protocol ranks on (:func:`score_validation`; all test images without one)."""
+    fit_seconds = fit_category(head, source, data_root, category, train_share, protocol)
+    scored = score_validation(head, source, data_root, category, protocol)
     return {**scored.metrics(), "fit_seconds": round(fit_seconds, 4), "ms_per_image": round(scored.ms_per_image, 3)}
+
+
+# --------------------------------------------------------------------------- the synthetic set
+
+
+@dataclass
+class SyntheticSet:
+    """A protocol's generated validation images of one category: the good bases, then a defect on each."""
+
+    images: torch.Tensor  # (2n, 3, S, S) float in [0, 1]
+    masks: torch.Tensor  # (2n, S, S) bool
+    labels: np.ndarray  # (2n,)
+    defect_types: list[str]  # "good", then "synthetic:<kind>"
+
+
+_SYNTHETIC: dict[tuple, SyntheticSet] = {}
+
+
+def synthetic_set(data_root: str | Path, category: str, size: int, protocol: Protocol) -> SyntheticSet:
+    """The synthetic set (deterministic; made once per process and dataset content): the good base images
+    (training images held out of fitting, or good test images with ``good_source: test``) and, for each, a
+    generated defect (:mod:`anoseg.anomalies`) with the category's other training images as its patch pool."""
+    key = (str(Path(data_root).resolve()), category, size, protocol.key(), category_fingerprint(data_root, category))
+    if key not in _SYNTHETIC:
+        from anoseg.anomalies import DefectConfig, generate_batch
+
+        train = load_train(data_root, category, size)
+        held_out = protocol.train_held_out(len(train), category)
+        if protocol.good_source == "train":
+            bases, pool = train[torch.as_tensor(held_out)], train[torch.as_tensor(np.setdiff1d(np.arange(len(train)),
+                                                                                                held_out))]
+        else:
+            paths, types = list_test(data_root, category, required=False)
+            chosen = protocol.test_good_bases(paths, types, category)
+            bases, pool = load_images([paths[i] for i in chosen], size), train
+        defective, masks, kinds = generate_batch(bases, len(bases), seed=protocol.generator_seed(category),
+                                                 config=DefectConfig(kinds=protocol.kinds), pool=pool)
+        n = len(bases)
+        _SYNTHETIC[key] = SyntheticSet(
+            torch.cat([bases, defective]), torch.cat([torch.zeros(n, size, size, dtype=torch.bool), masks]),
+            np.concatenate([np.zeros(n, dtype=int), np.ones(n, dtype=int)]),
+            ["good"] * n + [f"synthetic:{kind}" for kind in kinds])
+    return _SYNTHETIC[key]
 
 
 # --------------------------------------------------------------------------- trainable heads
@@ -293,28 +395,43 @@ class CategoryData:
     test_maps: Callable[[], SplitMaps]
     train_seconds_per_image: float  # backbone forward pass, as measured when the maps were cached
     test_seconds_per_image: float
+    synthetic: SyntheticSet | None = None  # generated validation images it is evaluated on too
+    synthetic_maps: Callable[[], SplitMaps] | None = None
 
 
 def load_category(source: FeatureSource, data_root: str | Path, category: str, holdout_count: Callable[[int], int],
-                  holdout: Holdout | None = None, part: str = VALIDATION) -> CategoryData:
+                  protocol: Protocol | None = None, part: str = VALIDATION) -> CategoryData:
     """Read a category's images, make sure the backbone's maps of them are cached, split off the training
-    images the head calibrates on (`holdout_count`), and pick the test images it is evaluated on (`part` of
-    the `holdout` split, or all)."""
+    images the head calibrates on (`holdout_count`; never those the protocol holds out of fitting), and pick
+    what it is evaluated on: `part` of the real test images under `protocol` (all without one), and the
+    protocol's synthetic set when `part` is the one it ranks on."""
     cfg = source.cfg
     train = load_train(data_root, category, cfg.image_size)
-    test = load_test(data_root, category, cfg.image_size, with_images=False)
-    test_images = load_images(test.paths, cfg.image_size)
-    seconds = [source.split(data_root, category, split, lambda images=images: images).seconds_per_image
-               for split, images in (("train", train), ("test", test_images))]
-    n_holdout = holdout_count(len(train))
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))
+    test = load_test(data_root, category, cfg.image_size, with_images=False, required=not _optional(protocol))
+    test_images = load_images(test.paths, cfg.image_size) if test.paths else torch.zeros(0, 3, cfg.image_size,
+                                                                                          cfg.image_size)
+    train_seconds = source.split(data_root, category, "train", lambda: train).seconds_per_image
+    test_seconds = source.split(data_root, category, "test", lambda: test_images).seconds_per_image \
+        if test.paths else 0.0
+    held_out = protocol.train_held_out(len(train), category) if protocol else np.zeros(0, dtype=int)
+    kept = torch.as_tensor(np.setdiff1d(np.arange(len(train)), held_out))
+    n_holdout = holdout_count(len(kept))
+    order = kept[torch.randperm(len(kept), generator=torch.Generator().manual_seed(cfg.seed))]
     train_u8, test_u8 = to_uint8(train), to_uint8(test_images)
-    return CategoryData(
+    data = CategoryData(
         category, train_u8, order[n_holdout:].sort().values, order[:n_holdout].sort().values, test, test_u8,
-        test_index(test, category, holdout, part),
+        real_index(test, category, protocol, part),
         lambda: source.split(data_root, category, "train", lambda: train_u8.float() / 255),
-        lambda: source.split(data_root, category, "test", lambda: test_u8.float() / 255), *seconds,
+        lambda: source.split(data_root, category, "test", lambda: test_u8.float() / 255), train_seconds,
+        test_seconds,
     )
+    if protocol is not None and protocol.synthetic and part == protocol.ranking_part:
+        made = synthetic_set(data_root, category, cfg.image_size, protocol)
+        made_u8 = to_uint8(made.images)
+        source.split(data_root, category, protocol.key(), lambda: made.images)
+        data.synthetic = SyntheticSet(made_u8, made.masks, made.labels, made.defect_types)
+        data.synthetic_maps = lambda: source.split(data_root, category, protocol.key(), lambda: made.images)
+    return data
 
 
 def train_epoch(head: TrainableHead, data: CategoryData, device: torch.device) -> tuple[float, float]:
@@ -330,15 +447,28 @@ def train_epoch(head: TrainableHead, data: CategoryData, device: torch.device) -
 
 
 def score_category(head: TrainableHead, source: FeatureSource, data: CategoryData) -> ScoredImages:
-    """Anomaly maps and image scores of the category's evaluated test images (``data.eval_index``)."""
-    size = source.cfg.batch_size
+    """Anomaly maps and image scores of what the category is evaluated on: its real test images at
+    ``data.eval_index`` and its synthetic set, if any."""
     at = None if data.eval_index is None else torch.as_tensor(data.eval_index, dtype=torch.long)
-    images = data.test_images if at is None else data.test_images[at]
-    batches = ((maps, images[first:first + size])
-               for first, maps in zip(range(0, len(images), size), data.test_maps().batches(size, at)))
+    parts = []
+    if len(data.test_images) and (at is None or len(at)):
+        images = data.test_images if at is None else data.test_images[at]
+        parts.append(_score_images(head, source, images, data.test_maps().batches(source.cfg.batch_size, at),
+                                   data.test_seconds_per_image, _ground_truth(data.test, data.eval_index)))
+    if data.synthetic is not None and data.synthetic_maps is not None:
+        made, maps_of = data.synthetic, data.synthetic_maps()
+        parts.append(_score_images(head, source, made.images, maps_of.batches(source.cfg.batch_size),
+                                   maps_of.seconds_per_image, (made.masks, made.labels, made.defect_types)))
+    return ScoredImages.join(parts)
+
+
+def _score_images(head: TrainableHead, source: FeatureSource, images: torch.Tensor,
+                  layer_batches: Iterator[dict[str, torch.Tensor]], forward_seconds: float,
+                  truth: tuple[torch.Tensor, np.ndarray, list[str]]) -> ScoredImages:
+    size = source.cfg.batch_size
+    batches = ((maps, images[first:first + size]) for first, maps in zip(range(0, len(images), size), layer_batches))
     maps, scores, seconds = score_batches(head, batches, source.cfg, source.device)
-    ms = (data.test_seconds_per_image + seconds / len(images)) * 1000
-    return ScoredImages(maps, scores, *_ground_truth(data.test, data.eval_index), ms)
+    return ScoredImages(maps, scores, *truth, (forward_seconds + seconds / len(images)) * 1000)
 
 
 def evaluate_trained(head: TrainableHead, source: FeatureSource, data: CategoryData,

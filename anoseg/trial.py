@@ -29,7 +29,7 @@ from anoseg.data import resolve_categories
 from anoseg.errors import ConfigError
 from anoseg.features import resolve_device
 from anoseg.heads import HEADS, TrainableHead, create_head
-from anoseg.holdout import Holdout
+from anoseg.holdout import Protocol
 from anoseg.pipeline import FeatureSource, evaluate_category, evaluate_trained, load_category, train_epoch, \
     training_source
 from anoseg.result import EPOCHS_UNIT, TrialReport, TrialResult
@@ -71,7 +71,7 @@ def run_trial(
     checkpoint: Checkpoint | None = None,
     resume: Mapping[str, Any] | None = None,
     train_shares: Sequence[float] = (1.0,),
-    holdout: Holdout | None = None,
+    protocol: Protocol | None = None,
 ) -> TrialResult:
     """Evaluate `config` on each category in order, calling `report(TrialReport)` after every fidelity unit.
 
@@ -79,8 +79,9 @@ def run_trial(
     (increasing, ending at 1; a fidelity unit is one category at one share); the result is the last.
     A trainable head also calls `checkpoint(state)` before each report, with a state that
     `resume=state` continues from (a resumed search). `cache` shares backbone features between
-    trials (see anoseg.cache); results are the same with and without it. `holdout`: the metrics are
-    those of the validation part of each category's test images (:mod:`anoseg.holdout`), else of all.
+    trials (see anoseg.cache); results are the same with and without it. `protocol`: the metrics are
+    those of what it ranks on (:class:`anoseg.holdout.Protocol`: a validation part of each category's test
+    images, a synthetic set, or both), else of all test images.
     """
     cfg = config if isinstance(config, TrialConfig) else TrialConfig.from_dict(config)
     names = resolve_categories(data_root, categories)
@@ -93,14 +94,14 @@ def run_trial(
     say = report or (lambda _report: None)
     if HEADS[cfg.head_name].trainable:
         head = create_head(cfg.head_name, **cfg.head_params)
-        last = _train_in_lockstep(head, source, data_root, names, say, checkpoint, resume, holdout)
+        last = _train_in_lockstep(head, source, data_root, names, say, checkpoint, resume, protocol)
     else:
         total, step = len(names) * len(train_shares), 0
         for share in train_shares:
             per_category: dict[str, dict[str, float]] = {}
             for category in names:
                 head = create_head(cfg.head_name, **cfg.head_params)
-                per_category[category] = evaluate_category(head, source, data_root, category, share, holdout)
+                per_category[category] = evaluate_category(head, source, data_root, category, share, protocol)
                 step += 1
                 last = TrialReport(dict(per_category), step, total, memory=peak_memory_mb(device), category=category,
                                    train_share=share)
@@ -110,11 +111,11 @@ def run_trial(
 
 def _train_in_lockstep(head: TrainableHead, source: FeatureSource, data_root: str | Path, names: Sequence[str],
                        say: Report, checkpoint: Checkpoint | None, resume: Mapping[str, Any] | None,
-                       holdout: Holdout | None) -> TrialReport:
+                       protocol: Protocol | None) -> TrialReport:
     """Train a trainable head on every category one epoch at a time; report after every epoch."""
     head.setup(source.backbone, source.device)
     with training_source(source) as source:
-        data = {c: load_category(source, data_root, c, head.holdout_count, holdout) for c in names}
+        data = {c: load_category(source, data_root, c, head.holdout_count, protocol) for c in names}
         initial = head.training_state()
         state: dict[str, Any] = {"epoch": 0, "epochs": head.epochs, "categories": list(names),
                                  "heads": {c: initial for c in names}, "train_seconds": {c: 0.0 for c in names},

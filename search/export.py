@@ -159,7 +159,7 @@ def _metrics_section(record: Mapping[str, Any], protocol: str, category: str | N
         if final.get("validation_interval"):
             section["interval"] = final["validation_interval"]
         section["tied_with_best"] = final.get("tied")
-        if protocol == "holdout" and final.get("test"):
+        if protocol != "test" and final.get("test"):
             section["test"] = {"measured_on": reported_on(protocol), "mean": final["test"],
                                "per_category": final.get("test_per_category"),
                                "interval": final.get("test_interval") or {}}

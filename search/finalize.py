@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from anoseg.errors import AnosegError
-from anoseg.holdout import TEST, VALIDATION, Holdout
+from anoseg.holdout import TEST, VALIDATION, Protocol
 from anoseg.metrics import QUALITY_METRICS
 from search.run_dir import COMPLETED, RunDir
 
@@ -49,14 +49,22 @@ def run_selection(meta: Mapping[str, Any], space: Any) -> dict[str, Any]:
     return {**space.selection, **recorded}
 
 
+SELECTED_ON = {"holdout": "the validation part", "test": "the test set",
+               "synthetic": "the synthetic validation set (generated defects on held-out good images)",
+               "few_shot": "the few-shot validation set (a few real defects per type + generated defects)"}
+REPORTED_ON = {"holdout": "the test part (never used to choose)", "test": "the test set (selected on the test set)",
+               "synthetic": "the real test images (never used to choose)",
+               "few_shot": "the remaining real test images (never used to choose)"}
+
+
 def selected_on(protocol: str) -> str:
     """What a run's trials were ranked on, in words."""
-    return "the validation part" if protocol == "holdout" else "the test set"
+    return SELECTED_ON[protocol]
 
 
 def reported_on(protocol: str) -> str:
     """What a run's final figures are measured on, in words."""
-    return "the test part (never used to choose)" if protocol == "holdout" else "the test set (selected on the test set)"
+    return REPORTED_ON[protocol]
 
 
 def _value(record: Mapping[str, Any], name: str) -> float | None:
@@ -96,7 +104,7 @@ def finalize_run(run: RunDir, *, top_k: int | None = None, progress: Progress = 
     meta, space = run.read_meta(), run.space()
     selection = run_selection(meta, space)
     protocol = selection["protocol"]
-    holdout = Holdout(float(selection["validation_share"]), int(selection["seed"])) if protocol == "holdout" else None
+    plan = None if protocol == "test" else Protocol.from_selection(selection)
     objectives = list(meta["objectives"])
     primary = objectives[0]
     ranked = ranked_records(run.records(), primary["metric"], primary["mode"])
@@ -110,14 +118,14 @@ def finalize_run(run: RunDir, *, top_k: int | None = None, progress: Progress = 
     wanted = [o["metric"] for o in objectives if o["metric"] in QUALITY_METRICS]
     n_boot, level = int(selection["bootstrap"]), float(selection["level"])
     cache = FeatureCache(meta.get("cache_dir"), max_bytes=int(space.cache["max_gb"] * 2**30))
-    rank_part = VALIDATION if protocol == "holdout" else TEST
+    rank_part = VALIDATION if protocol != "test" else TEST
     progress(f"finalising {len(candidates)} trial(s) of {run.path}: ranked on {selected_on(protocol)}, "
              f"reported on {reported_on(protocol)}; {n_boot} bootstrap resamples")
     assessed: dict[str, Any] = {}
     for rec in candidates:
         progress(f"{rec['trial_id']}: fitting and scoring every test image")
         assessed[rec["trial_id"]] = assess_config(rec["config"], meta["data_root"], meta["categories"],
-                                                  holdout, wanted, n_boot, int(selection["seed"]), cache,
+                                                  plan, wanted, n_boot, int(selection["seed"]), cache,
                                                   progress)
     bootstrap_seconds = sum(c.bootstrap_seconds for a in assessed.values() for c in a.values())
 
@@ -131,7 +139,12 @@ def finalize_run(run: RunDir, *, top_k: int | None = None, progress: Progress = 
             return None
         return bootstrap.mean_over_categories([c.parts[part].replicates[metric] for c in assessed[tid].values()])
 
-    parts = [p for p in (VALIDATION, TEST) if p in next(iter(next(iter(assessed.values())).values())).parts]
+    first = next(iter(assessed.values()))  # every trial has the same parts: they depend on the data only
+    parts = [p for p in (VALIDATION, TEST) if all(p in c.parts for c in first.values())]
+    notes = sorted({f"{category}: {note}" for category, c in first.items() for note in c.notes})
+    if TEST not in parts and protocol != "test":
+        notes.append("no test figures: not every category has both good and defective real test images to "
+                     "report on (the choice rests on the validation set alone)")
     trials: dict[str, dict[str, Any]] = {}
     for rec in candidates:
         tid = rec["trial_id"]
@@ -162,6 +175,7 @@ def finalize_run(run: RunDir, *, top_k: int | None = None, progress: Progress = 
         "bootstrap": n_boot,
         "level": level,
         "parts": parts,
+        "notes": notes,
         "trials": [trials[r["trial_id"]] for r in candidates],
         "seconds": round(time.perf_counter() - started, 3),
         "bootstrap_seconds": round(bootstrap_seconds, 3),

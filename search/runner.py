@@ -71,13 +71,29 @@ def start_search(space_path: str | Path, *, data: str | None = None, name: str |
 
 
 def split_meta(space: SearchSpace, data_root: str | Path, categories: list[str]) -> dict[str, Any]:
-    """What run.json records of the selection protocol: its settings and, for holdout, every category's split
-    (file names per part); a category too small to split is a DataError before anything starts."""
-    from anoseg.data import list_test
+    """What run.json records of the selection protocol: its settings and every category's split (the real
+    test images of each part by file name; for a synthetic set, the training images held out of fitting); a
+    category the protocol cannot split is a DataError before anything starts."""
+    from anoseg.data import IMAGE_SUFFIXES, list_test
+    from anoseg.holdout import file_names
 
     meta: dict[str, Any] = dict(space.selection)
-    if space.holdout is not None:
-        meta["split"] = {c: space.holdout.files(*list_test(data_root, c), c) for c in categories}
+    protocol = space.protocol
+    if protocol is None:
+        return meta
+    meta["split"] = {}
+    for category in categories:
+        paths, types = list_test(data_root, category, required=not protocol.synthetic)
+        names = file_names(paths)
+        entry: dict[str, Any] = {part: [names[i] for i in index]
+                                 for part, index in protocol.real_parts(paths, types, category).items()}
+        if protocol.synthetic and protocol.good_source == "train":
+            train = sorted(p.name for p in (Path(data_root) / category / "train" / "good").iterdir()
+                           if p.suffix.lower() in IMAGE_SUFFIXES)
+            entry["train_held_out"] = [train[i] for i in protocol.train_held_out(len(train), category)]
+        elif protocol.synthetic:
+            entry["synthetic_bases"] = [names[i] for i in protocol.test_good_bases(paths, types, category)]
+        meta["split"][category] = entry
     return meta
 
 
@@ -196,6 +212,7 @@ def final_lines(final: dict[str, Any]) -> list[str]:
         chosen = "  <- chosen" if entry["trial_id"] == final["chosen"] else ""
         lines.append(f"  {mark} {entry['trial_id']} (search rank {entry['search_rank']}): "
                      + " | ".join(figure(entry, part) for part in parts) + chosen)
+    lines += [f"  note: {note}" for note in final.get("notes") or []]
     if final["protocol"] == "test":
         lines.append("  selected on the test set: these figures are optimistic (selection.protocol: holdout "
                      "reports on images that chose nothing)")

@@ -81,14 +81,19 @@ Only ``dataset`` (with ``root``), ``objective`` and ``space`` are required; the 
 * ``dedup`` (true): a trial whose effective configuration (the head's settings as it would run them: clamped to
   the layers' channels, ignored ones at their defaults) equals a completed trial's is answered from that record.
 * ``selection`` (:mod:`anoseg.holdout`, :mod:`search.finalize`): ``{protocol: holdout, validation_share: 0.5,
-  seed: 0, top_k: 3, prefer: best, bootstrap: 200, level: 0.95}``. ``holdout`` splits each category's test
+  seed: 0, top_k: 3, prefer: best, bootstrap: 200, level: 0.95, n_images: 20, kinds: null, good_source: train,
+  defects_per_type: 1}``. ``holdout`` splits each category's test
   images (stratified by defect type, deterministic) into a validation part, which every trial is evaluated and
   ranked on, and a test part, which only the chosen configurations see, once, when the search ends
   (``anoseg search finalize``): the best (or the Pareto set) and the top_k by the first objective, with
   bootstrap intervals (``bootstrap`` resamples; 0: none) at ``level``. ``prefer: cheapest_tied`` chooses, among
   the trials tied with the best (their paired difference interval holds 0), the one with the lowest
   ms_per_image. ``protocol: test`` ranks and reports on all test images (as published MVTec AD tables do):
-  every output then says "selected on the test set".
+  every output then says "selected on the test set". ``synthetic`` needs no real defect: ``n_images`` good
+  images per category (held out of fitting from train/good, or with ``good_source: test`` taken from test/good)
+  and a generated defect on each (:mod:`anoseg.anomalies`, ``kinds``: null for all) are what trials are ranked
+  on; real defects, where there are any, only make the final report. ``few_shot`` adds ``defects_per_type``
+  real defective images of each type to that validation set; the remaining real images are the test part.
 * ``trial``: batch_size, seed, device (auto | cpu | cuda | cuda:N; cuda needs resources.gpu > 0).
 * ``space.backbones``: backbone name (see ``anoseg backbones``) -> ``weights`` and ``layers``, a list of layer
   subsets, each a list of that backbone's layer names (``anoseg backbones --layers NAME``), no subset twice.
@@ -130,7 +135,7 @@ from pydantic import BeforeValidator, Discriminator, Field, Tag, ValidationError
 
 from anoseg.config import BatchSize, Device, ImageSize, Seed, Weights
 from anoseg.errors import AnosegError, ConfigError
-from anoseg.holdout import Holdout
+from anoseg.holdout import DEFECT_KINDS as KINDS, GOOD_SOURCES, PROTOCOLS, Protocol
 from anoseg.metrics import METRIC_NAMES, MODES, metric
 from anoseg.schema import FieldError, Schema, config_error, fail, hint
 from search.storage import SPEC_TEXT, check_spec
@@ -513,8 +518,19 @@ class Cache(Schema):
     max_gb: Number = Field(20, gt=0, description="a size in GB > 0")
 
 
-PROTOCOLS = ("holdout", "test")
 PREFERENCES = ("best", "cheapest_tied")
+
+
+def _kinds(value: Any) -> Any:
+    """Defect kinds of the generator (anoseg.anomalies.KINDS), or null for all of them."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise FieldError(f"must be a non-empty list of defect kinds ({', '.join(KINDS)}) or null for all, got {value!r}")
+    for i, kind in enumerate(value):
+        if kind not in KINDS:
+            raise FieldError(f"unknown defect kind {kind!r}; allowed: {', '.join(KINDS)}", f"[{i}]")
+    return value
 
 
 class Selection(Schema):
@@ -529,6 +545,10 @@ class Selection(Schema):
     bootstrap: int = Field(200, ge=0, le=100_000, description="a number of bootstrap resamples, 0 (no intervals) "
                                                               "to 100000")
     level: Number = Field(0.95, gt=0.5, lt=1, description="a confidence level strictly between 0.5 and 1")
+    n_images: int = Field(20, ge=2, description="a number of good images >= 2 (synthetic, few_shot)")
+    kinds: Annotated[list[str] | None, BeforeValidator(_kinds)] = None
+    good_source: Literal[GOOD_SOURCES] = "train"  # type: ignore[valid-type]
+    defects_per_type: int = Field(1, ge=1, description="a number of real defective images per type >= 1 (few_shot)")
 
 
 class Trial(Schema):
@@ -720,11 +740,12 @@ class SearchSpace:
         return _space(stored, source)
 
     @property
-    def holdout(self) -> Holdout | None:
-        """The validation/test split trials are ranked on (protocol holdout), or None (protocol test)."""
-        if self.selection["protocol"] != "holdout":
+    def protocol(self) -> Protocol | None:
+        """What trials are ranked on (:class:`anoseg.holdout.Protocol`), or None for protocol test (all test
+        images)."""
+        if self.selection["protocol"] == "test":
             return None
-        return Holdout(float(self.selection["validation_share"]), int(self.selection["seed"]))
+        return Protocol.from_selection(self.selection)
 
 
 # ----------------------------------------------------------------------------------------------- loading

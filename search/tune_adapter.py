@@ -77,7 +77,7 @@ def run_trainable(params: dict[str, Any], *, space: SearchSpace, data_root: str,
         cache = FeatureCache(cache_dir, max_bytes=int(space.cache["max_gb"] * 2**30))
         run_trial(cfg, data_root, categories, report, cache=cache,
                   checkpoint=lambda trial_state: save_checkpoint(checkpoint_path, trial_state),
-                  resume=load_checkpoint(checkpoint_path), train_shares=space.train_shares, holdout=space.holdout)
+                  resume=load_checkpoint(checkpoint_path), train_shares=space.train_shares, protocol=space.protocol)
     except Exception as exc:  # noqa: BLE001 - a failing trial is data, not a crash
         if state["in_report"]:
             raise  # Tune's own control flow

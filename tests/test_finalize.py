@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from anoseg.errors import DataError
-from anoseg.holdout import TEST, VALIDATION, Holdout
+from anoseg.holdout import TEST, VALIDATION, Protocol
 from anoseg.trial import run_trial
 from search.finalize import _choose
 from search.runner import start_search, summary
@@ -49,7 +49,7 @@ def test_the_split_is_recorded_and_trials_see_only_the_validation_part(holdout_r
         assert sorted(split[VALIDATION] + split[TEST]) == sorted(f"{p.parent.name}/{p.name}" for p in paths)
         assert not set(split[VALIDATION]) & set(split[TEST])
     record = next(r for r in holdout_run.records() if r["status"] == "completed")
-    on_validation = run_trial(record["config"], synthetic_root, ["brick", "board"], holdout=Holdout(0.5, 0))
+    on_validation = run_trial(record["config"], synthetic_root, ["brick", "board"], protocol=Protocol("holdout", 0.5, 0))
     on_everything = run_trial(record["config"], synthetic_root, ["brick", "board"])
     assert on_validation.mean["aupro"] == pytest.approx(record["metrics"]["aupro"], abs=1e-9)
     assert on_everything.mean["aupro"] != pytest.approx(record["metrics"]["aupro"], abs=1e-6)

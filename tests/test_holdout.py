@@ -89,3 +89,10 @@ def test_holdout_on_the_embedded_dataset(synthetic_root):
         for part in (VALIDATION, TEST):
             kinds = {name.split("/")[0] for name in files[part]}
             assert kinds == set(types), (category, part)  # every defect type of the dataset in both parts
+
+
+def test_the_defect_kinds_named_here_are_the_generators():
+    from anoseg.anomalies import KINDS
+    from anoseg.holdout import DEFECT_KINDS
+
+    assert DEFECT_KINDS == KINDS

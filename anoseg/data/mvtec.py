@@ -92,29 +92,39 @@ def load_train(root: str | Path, category: str, size: int) -> torch.Tensor:
     return load_images(paths, size)
 
 
-def list_test(root: str | Path, category: str) -> tuple[list[Path], list[str]]:
-    """The test image files of `category` and their defect types (``good`` for the good ones), sorted."""
+def list_test(root: str | Path, category: str, required: bool = True) -> tuple[list[Path], list[str]]:
+    """The test image files of `category` and their defect types (``good`` for the good ones), sorted.
+    `required=False`: a missing or empty test folder gives no images instead of a DataError (a search that
+    validates on generated defects needs none)."""
     test_dir = _category_dir(root, category) / "test"
     if not test_dir.is_dir():
-        raise DataError(f"{test_dir} is missing: every category needs a test folder")
+        if not required:
+            return [], []
+        raise DataError(f"{test_dir} is missing: every category needs a test folder (or search it with "
+                        "selection: {protocol: synthetic}, which needs none)")
     paths: list[Path] = []
     defect_types: list[str] = []
     for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
         for image_path in _image_files(defect_dir):
             paths.append(image_path)
             defect_types.append(defect_dir.name)
-    if not paths:
+    if not paths and required:
         raise DataError(f"the test set {test_dir} has no images")
     return paths, defect_types
 
 
-def load_test(root: str | Path, category: str, size: int, with_images: bool = True) -> TestSplit:
+def load_test(root: str | Path, category: str, size: int, with_images: bool = True,
+              required: bool = True) -> TestSplit:
     """Test images with masks (empty for good images), labels and defect types.
 
-    `with_images=False` reads only the ground truth (for cached features).
+    `with_images=False` reads only the ground truth (for cached features); `required=False`: no test
+    images is an empty split, not an error.
     """
     cat_dir = _category_dir(root, category)
-    paths, defect_types = list_test(root, category)
+    paths, defect_types = list_test(root, category, required)
+    if not paths:
+        return TestSplit(torch.zeros(0, 3, size, size) if with_images else None, torch.zeros(0, size, size, dtype=torch.bool),
+                         np.zeros(0, dtype=int), [], [])
     mask_paths: list[Path | None] = []
     for image_path, defect in zip(paths, defect_types):
         if defect == GOOD:
