@@ -78,8 +78,8 @@ def _check_both_classes(parts: Mapping[str, np.ndarray], defective: np.ndarray,
             raise DataError(
                 f"category {category or '?'} is too small to split into validation and test parts: its test "
                 f"images are {counts or 'none'}; the {part} part would hold {len(index) - n_bad} good and {n_bad} "
-                "defective (each part needs both: at least 2 good and 2 defective test images), or use "
-                "selection: {protocol: test}")
+                "defective (each part needs both: at least 2 good and 2 defective test images); use selection: "
+                "{protocol: synthetic} (generated defects, no real one needed) or {protocol: test}")
 
 
 @dataclass(frozen=True)

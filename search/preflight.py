@@ -76,6 +76,7 @@ class NodePlan:
     data_root: str
     categories: list[str]
     folders: list[tuple[str, str, str | None]] = field(default_factory=list)
+    test_required: bool = True  # False: the selection protocol validates on generated defects
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -139,8 +140,9 @@ def _why(exc: OSError) -> str:
     return exc.strerror or type(exc).__name__
 
 
-def check_data(root: str, categories: Sequence[str]) -> Row:
-    """The dataset root and each category's train/good (its first file read) and test folders."""
+def check_data(root: str, categories: Sequence[str], test_required: bool = True) -> Row:
+    """The dataset root and each category's train/good (its first file read) and test folders (optional
+    with `test_required` False)."""
     path = Path(root)
     if not path.is_dir():
         return Row("data", root, FAIL, f"{root} is not visible here (no such folder): every node must mount the "
@@ -165,7 +167,7 @@ def check_data(root: str, categories: Sequence[str]) -> Row:
         except OSError as exc:
             problems.append(f"{category}: cannot read {files[0]}: {_why(exc)}")
             continue
-        if not test.is_dir() or not os.access(test, os.R_OK | os.X_OK):
+        if (test_required or test.exists()) and (not test.is_dir() or not os.access(test, os.R_OK | os.X_OK)):
             problems.append(f"{category}: {test} is missing or not readable")
             continue
         images += len(files)
@@ -265,7 +267,7 @@ def check_storage(storage: StudyStorage, study_name: str | None = None,
 def node_checks(plan: NodePlan) -> list[Row]:
     """Every check a node runs for a search (what the Ray task runs on each node, and the driver itself)."""
     rows = _timed("weights", ", ".join(plan.backbones), check_weights, plan.backbones)
-    rows += _timed("data", plan.data_root, check_data, plan.data_root, plan.categories)
+    rows += _timed("data", plan.data_root, check_data, plan.data_root, plan.categories, plan.test_required)
     for check, path, anchor in plan.folders:
         rows += _timed(check, path, check_folder, check, path, anchor)
     return rows
@@ -373,7 +375,8 @@ def run_preflight(space: SearchSpace, *, data_root: str, categories: Sequence[st
     if cache_dir:
         folders.append(("cache", str(Path(cache_dir).resolve())))
     backbones = {name: str(entry["weights"]) for name, entry in space.backbones.items()}
-    plan = NodePlan(backbones, str(data_root), list(categories), [(c, p, None) for c, p in folders])
+    plan = NodePlan(backbones, str(data_root), list(categories), [(c, p, None) for c, p in folders],
+                    test_required=space.protocol is None or not space.protocol.synthetic)
     label = driver_label()
     rows = [dataclasses.replace(r, node=label) for r in node_checks(plan)]
     rows += [dataclasses.replace(r, node=label) for r in _timed("storage", storage.description, check_storage, storage, study_name)]

@@ -12,6 +12,7 @@ from anoseg.errors import DataError
 from anoseg.holdout import TEST, VALIDATION, Protocol
 from anoseg.trial import run_trial
 from search.finalize import _choose
+from search.run_dir import RunDir
 from search.runner import start_search, summary
 from tests.search_helpers import write_space
 
@@ -123,3 +124,45 @@ def test_cheapest_tied_picks_the_fastest_trial_among_the_tied():
     trials = {"a": {"tied": True}, "b": {"tied": True}, "c": {"tied": False}}
     assert _choose(candidates, trials, "cheapest_tied", {"metric": "aupro", "mode": "max"}) == "b"
     assert _choose(candidates, trials, "best", {"metric": "aupro", "mode": "max"}) == "a"
+
+
+def good_images_only(synthetic_root, folder):
+    """The embedded data with every defect image deleted: brick keeps its good test images, board has no test
+    folder at all (a production line before its first defect)."""
+    for category in ("brick", "board"):
+        shutil.copytree(synthetic_root / category, folder / category)
+        shutil.rmtree(folder / category / "ground_truth")
+        for defect in (folder / category / "test").iterdir():
+            if defect.name != "good":
+                shutil.rmtree(defect)
+    shutil.rmtree(folder / "board" / "test")
+    return folder
+
+
+def test_a_search_runs_on_good_images_only_with_synthetic_defects(synthetic_root, tmp_path):
+    from anoseg.cli import main
+
+    data = good_images_only(synthetic_root, tmp_path / "data")
+    space = write_space(tmp_path, **{**SPACE, "selection": {"protocol": "synthetic", "n_images": 4, "top_k": 2,
+                                                            "bootstrap": 50}})
+    assert main(["search", "run", str(space), "--data", str(data), "--results", str(tmp_path / "results")]) == 0
+    run = RunDir.open(tmp_path / "results" / "tiny")
+    meta = run.read_meta()
+    assert meta["selection"]["split"]["board"] == {"validation": [], "test": [],
+                                                   "train_held_out": meta["selection"]["split"]["board"]["train_held_out"]}
+    assert len(meta["selection"]["split"]["board"]["train_held_out"]) == 4
+    records = [r for r in run.records() if r["status"] == "completed"]
+    assert records and all(0 < r["metrics"]["aupro"] <= 1 for r in records)
+    final = meta["final"]
+    assert final["parts"] == [VALIDATION] and any("no test figures" in n for n in final["notes"])
+    assert "generated defects" in summary(run)
+
+
+def test_without_defects_the_other_protocols_refuse_clearly(synthetic_root, tmp_path):
+    data = good_images_only(synthetic_root, tmp_path / "data")
+    with pytest.raises(DataError, match="brick is too small to split.*good 4.*protocol: synthetic"):
+        start_search(write_space(tmp_path, **SPACE), data=str(data), results=tmp_path / "results")
+    with pytest.raises(DataError, match="board/test is missing.*protocol: synthetic"):
+        start_search(write_space(tmp_path, **{**SPACE, "dataset": {**SPACE["dataset"], "categories": ["board"]}}),
+                     data=str(data), results=tmp_path / "results")
+    assert not (tmp_path / "results").exists()

@@ -96,3 +96,77 @@ def test_the_defect_kinds_named_here_are_the_generators():
     from anoseg.holdout import DEFECT_KINDS
 
     assert DEFECT_KINDS == KINDS
+
+
+# --------------------------------------------------------------------------- the protocols
+
+from anoseg.holdout import Protocol  # noqa: E402
+
+
+def test_synthetic_protocol_keeps_every_real_image_for_the_test_part():
+    names, strata = listing(COUNTS)
+    parts = Protocol("synthetic", n_images=6).real_parts(names, strata, "tile")
+    assert len(parts[VALIDATION]) == 0 and parts[TEST].tolist() == list(range(len(names)))
+    assert Protocol("synthetic").real_parts([], [], "tile")[TEST].tolist() == []  # no real test image at all
+
+
+def test_synthetic_protocol_with_test_good_bases_takes_them_out_of_the_test_part():
+    names, strata = listing(COUNTS)
+    protocol = Protocol("synthetic", n_images=4, good_source="test")
+    bases = protocol.test_good_bases(names, strata, "tile")
+    assert len(bases) == 4 and all(strata[i] == "good" for i in bases)
+    parts = protocol.real_parts(names, strata, "tile")
+    assert not set(bases) & set(parts[TEST].tolist()) and len(parts[TEST]) == len(names) - 4
+
+
+def test_few_shot_validates_on_k_real_defects_per_type():
+    names, strata = listing(COUNTS)
+    parts = Protocol("few_shot", defects_per_type=1, seed=2).real_parts(names, strata, "tile")
+    chosen = Counter(strata[i] for i in parts[VALIDATION])
+    assert chosen == Counter({kind: 1 for kind in COUNTS if kind != "good"})
+    assert sorted(parts[VALIDATION].tolist() + parts[TEST].tolist()) == list(range(len(names)))
+    again = Protocol("few_shot", defects_per_type=1, seed=2).real_parts(names, strata, "tile")
+    assert np.array_equal(parts[VALIDATION], again[VALIDATION])
+    with pytest.raises(DataError, match="no defective test image.*protocol: synthetic"):
+        Protocol("few_shot").real_parts(*listing({"good": 5}), "tile")
+
+
+def test_training_images_held_out_for_the_synthetic_set():
+    protocol = Protocol("synthetic", n_images=20)
+    held = protocol.train_held_out(30, "tile")
+    assert len(held) == 15 and held.tolist() == sorted(set(held.tolist()))  # at most half of them
+    assert np.array_equal(held, protocol.train_held_out(30, "tile"))
+    assert len(Protocol("holdout").train_held_out(30, "tile")) == 0
+    with pytest.raises(DataError, match="has 3 training image"):
+        protocol.train_held_out(3, "tile")
+
+
+def test_fitting_never_uses_the_held_out_images():
+    from anoseg.pipeline import fit_index
+
+    held = np.array([1, 4, 7])
+    used = fit_index(10, 1.0, 0, held)
+    assert sorted(used.tolist()) == [0, 2, 3, 5, 6, 8, 9]
+    half = fit_index(10, 0.5, 0, held)
+    assert set(half.tolist()) <= set(used.tolist()) and len(half) == 4
+    assert fit_index(10, 1.0, 0, np.zeros(0, dtype=int)) is None
+
+
+def test_the_synthetic_set_is_deterministic_and_its_masks_are_the_changes(synthetic_root):
+    from anoseg.pipeline import _SYNTHETIC, synthetic_set
+
+    protocol = Protocol("synthetic", n_images=4, kinds=("intensity", "cutpaste"))
+    first = synthetic_set(synthetic_root, "brick", 64, protocol)
+    _SYNTHETIC.clear()
+    again = synthetic_set(synthetic_root, "brick", 64, protocol)
+    assert torch_equal(first.images, again.images) and torch_equal(first.masks, again.masks)
+    assert first.labels.tolist() == [0] * 4 + [1] * 4
+    assert all(t.split(":")[1] in ("intensity", "cutpaste") for t in first.defect_types[4:])
+    changed = (first.images[4:] != first.images[:4]).any(dim=1)
+    assert torch_equal(changed, first.masks[4:])  # each defect sits on its own base image, nothing else moved
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
