@@ -1,5 +1,6 @@
 """The run dashboard on a synthetic run folder: sections, figures, failures, a run with nothing finished,
-the selection protocol (holdout or test) and the finalised trials (validation vs test).
+the selection protocol (holdout, synthetic, few_shot or test), the finalised trials (validation vs test) and
+the scatter of their validation against test figures with Kendall's tau.
 
 No Ray and no browser here (tests/test_dashboard_browser.py renders the page in Chromium).
 """
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import optuna
@@ -18,15 +19,17 @@ import plotly.graph_objects as go
 import pytest
 import yaml
 from plotly.offline import get_plotlyjs
+from scipy.stats import kendalltau, spearmanr
 
 from anoseg.metrics import CATEGORY_METRICS, QUALITY_METRICS
 from search.dashboard import FIGURE_IDS, SECTION_IDS, load_run, write_dashboard
 from search.dashboard.data import (error_line, example_category, final_table, load_study, param_importances,
                                    pareto_mask, tied_with_best)
-from search.dashboard.figures import (GREY, NA, NO_VALUE, TIED_NAME, build_figures, category_heatmap,
-                                      comparison_figure, final_figure, history_figure, importance_figure,
-                                      parallel_figure, pareto_figure)
+from search.dashboard.figures import (GREY, NA, NO_VALUE, TIED_NAME, agreement_figure,
+                                      build_figures, category_heatmap, comparison_figure, final_figure,
+                                      history_figure, importance_figure, parallel_figure, pareto_figure)
 from search.dashboard.page import failures_html, summary_html
+from search.finalize import reported_on, selected_on
 from search.run_dir import RunDir
 from search.space_optuna import distributions, layer_choice
 from search.space_schema import validate_space
@@ -90,8 +93,8 @@ def make_run(root: Path, data_root: str | Path = "/nonexistent/data", *, complet
 
     `completed` trials saw every category, `stopped` ones 1-2, one `failed` (an unreadable image), one
     `error` (a crashed worker) and one `lost` record when `failed`, `running` ones mid-way. The best
-    completed trial gets `best_config` as its recorded configuration when given. With `protocol` ("holdout"
-    or "test") run.json records the selection settings; without, the run is one from before selection
+    completed trial gets `best_config` as its recorded configuration when given. With `protocol` ("holdout",
+    "synthetic", "few_shot" or "test") run.json records the selection settings; without, the run is one from before selection
     existed. :func:`finalize_fake` then adds what ``anoseg search finalize`` writes.
     """
     rng = np.random.default_rng(0)
@@ -154,21 +157,27 @@ def make_run(root: Path, data_root: str | Path = "/nonexistent/data", *, complet
     return path
 
 
-def finalize_fake(path: Path, top_k: int = 3) -> dict[str, Any]:
+def finalize_fake(path: Path, top_k: int = 3, *, parts: Sequence[str] | None = None, notes: Sequence[str] = (),
+                  test_offsets: Sequence[float] | None = None) -> dict[str, Any]:
     """What search.finalize writes for the top `top_k` completed trials (run.json ``final``, each record's
     ``final``, the table's finalised columns), with made-up test figures: the second trial is tied with the
-    best, the third is not; the best is chosen. Returns ``final``."""
+    best, the third is not; the best is chosen. `parts` defaults to validation and test under every protocol
+    but test (["validation"]: a dataset without real defects, with `notes` saying so); the test figure of the
+    trial of search rank r is its validation figure plus ``test_offsets[r - 1]`` (default ``-0.01 * r``).
+    Returns ``final``."""
     run = RunDir(path)
     meta = run.read_meta()
     protocol = (meta.get("selection") or {}).get("protocol", "test")
-    parts = ["validation", "test"] if protocol == "holdout" else ["test"]
+    parts = list(parts or (["validation", "test"] if protocol != "test" else ["test"]))
     done = [r for r in run.records() if r["status"] == "completed"]
     ranked = sorted(done, key=lambda r: -r["metrics"]["aupro"])[:top_k]
     best = ranked[0]["trial_id"]
     trials = []
     for rank, rec in enumerate(ranked, start=1):
         searched = rec["metrics"]["aupro"]  # what the trial was ranked on: validation part (holdout) or test set
-        figures = {"validation": searched, "test": searched - 0.01 * rank} if protocol == "holdout" else {"test": searched}
+        offset = test_offsets[rank - 1] if test_offsets is not None else -0.01 * rank
+        figures = {"validation": searched, "test": searched + offset} if protocol != "test" else {"test": searched}
+        figures = {part: value for part, value in figures.items() if part in parts}
         entry: dict[str, Any] = {"trial_id": rec["trial_id"], "search_rank": rank, "tied": rank <= 2,
                                  "difference_interval": [-0.02 * rank, 0.0 if rank == 1 else 0.03 - 0.02 * rank],
                                  "compared_with": best}
@@ -178,7 +187,7 @@ def finalize_fake(path: Path, top_k: int = 3) -> dict[str, Any]:
         trials.append(entry)
     final = {"protocol": protocol, "objective": {"metric": "aupro", "mode": "max"}, "objectives": meta["objectives"],
              "prefer": "best", "chosen": best, "best_by_search": best, "pareto": [], "bootstrap": 200, "level": 0.95,
-             "parts": parts, "trials": trials, "seconds": 12.0, "bootstrap_seconds": 3.1}
+             "parts": parts, "notes": list(notes), "trials": trials, "seconds": 12.0, "bootstrap_seconds": 3.1}
     for entry in trials:
         run.update_record(entry["trial_id"], final={**entry, "chosen": entry["trial_id"] == best, "protocol": protocol})
     run.update_meta(final=final)
@@ -499,3 +508,122 @@ def test_old_run_without_selection_counts_as_selected_on_the_test_set(run_path):
     assert "Not finalised yet" not in summary
     fig = build_figures(data)["final"]
     assert "anoseg search finalize" in fig.layout.annotations[0].text
+
+
+# ----------------------------------------------------------------------------------------------- synthetic, few_shot
+
+
+@pytest.mark.parametrize("protocol", ["synthetic", "few_shot"])
+def test_summary_and_labels_use_the_protocols_words(tmp_path, protocol):
+    path = make_run(tmp_path, protocol=protocol, running=0)
+    data = load_run(path)
+    assert data.part == selected_on(protocol).removeprefix("the ").split(" (")[0]
+    assert "validation set" in data.part and data.part != "validation part"
+    unfinalised = summary_html(data)
+    assert "Not finalised yet" in unfinalised and f"measured on the {data.part}" in unfinalised
+    assert f"anoseg search finalize {path}" in build_figures(data)["final"].layout.annotations[0].text
+    final = finalize_fake(path)
+    data = load_run(path)
+    summary = summary_html(data)
+    assert f"ranked on {selected_on(protocol)}; final figures on {reported_on(protocol)}" in summary.replace("&#x27;", "'")
+    assert "good images per category 20" in summary
+    assert ("real defects per type 1" in summary) == (protocol == "few_shot")
+    assert f"<td>{data.part} (ranked on)</td>" in summary
+    assert f"<td>{reported_on(protocol).removeprefix('the ')}</td>" in summary
+    assert "selected on the test set" not in summary and "validation part" not in summary
+    assert f"Best trial <code>c0000005</code> by aupro (max) on the {data.part}" in summary
+    figs = build_figures(data)
+    assert f"{data.part} (ranked on) vs {reported_on(protocol).removeprefix('the ')}" in figs["final"].layout.title.text
+    assert {t.name for t in figs["final"].data} >= {f"{data.part} (ranked on)", reported_on(protocol).removeprefix("the ")}
+    for fid in ("history", "parallel", "importance", "pareto", "heatmap", "comparison"):
+        assert f"({data.part})" in figs[fid].layout.title.text, fid
+    page = write_dashboard(path, examples=0).read_text()
+    assert "<h2>Validation vs test</h2>" in page and "Finalised trials (selected on the test set)" not in page
+    assert len(_trace(figs["agreement"], "finalised trials").x) == len(final["trials"])
+
+
+# ----------------------------------------------------------------------------------------------- validation vs test scatter
+
+
+def test_agreement_figure_follows_the_final_figure():
+    assert FIGURE_IDS.index("agreement") == FIGURE_IDS.index("final") + 1
+
+
+@pytest.mark.parametrize("protocol", ["synthetic", "holdout"])
+def test_agreement_scatter_with_kendall_tau(tmp_path, protocol):
+    path = make_run(tmp_path, protocol=protocol, running=0)
+    final = finalize_fake(path, top_k=5, test_offsets=[-0.08, 0.0, -0.05, 0.01, 0.0])
+    data = load_run(path)
+    fig = build_figures(data)["agreement"]
+    order = sorted(final["trials"], key=lambda t: t["search_rank"])
+    x, y = [t["validation"]["aupro"] for t in order], [t["test"]["aupro"] for t in order]
+    points = _trace(fig, "finalised trials")
+    assert np.allclose(np.array(points.x, dtype=float), x) and np.allclose(np.array(points.y, dtype=float), y)
+    assert list(points.text) == [t["trial_id"] for t in order]
+    tau, rho = kendalltau(x, y).statistic, spearmanr(x, y).statistic
+    assert -1 < tau < 1, "the made-up figures disagree in part"
+    assert f"Kendall's tau {tau:.2f}, Spearman {rho:.2f} over 5 finalised trials" in fig.layout.title.text
+    # error bars from both parts' intervals
+    for axis, part, values in (("error_x", "validation", x), ("error_y", "test", y)):
+        bars = getattr(points, axis)
+        low, high = np.array([t[f"{part}_interval"]["aupro"] for t in order]).T
+        assert bars.visible and np.allclose(np.array(values) + np.array(bars.array), high)
+        assert np.allclose(np.array(values) - np.array(bars.arrayminus), low)
+    chosen = _trace(fig, "chosen: ")
+    assert chosen.name == f"chosen: {final['chosen']}" and list(chosen.x) == [x[0]] and list(chosen.y) == [y[0]]
+    assert list(_trace(fig, TIED_NAME).x) == [x[1]]
+    words = data.part
+    assert fig.layout.xaxis.title.text.startswith(f"aupro on the {words} (ranked on)")
+    assert fig.layout.yaxis.title.text == f"aupro on the {reported_on(protocol).removeprefix('the ')}"
+    page = write_dashboard(path, examples=0).read_text()
+    assert page.count('id="agreement-plot"') == 1 and "Validation vs test: rank agreement" in page
+    assert page.index("<section id='final'>") < page.index("<section id='agreement'>") < page.index("<section id='history'>")
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_agreement_tau_undefined_with_fewer_than_three_trials(tmp_path, top_k):
+    path = make_run(tmp_path, protocol="synthetic", running=0)
+    finalize_fake(path, top_k=top_k)
+    fig = build_figures(load_run(path))["agreement"]
+    assert len(_trace(fig, "finalised trials").x) == top_k
+    title = fig.layout.title.text
+    assert "Kendall's tau undefined" in title and f"{top_k} finalised trial" in title and "at least 3" in title
+    assert "Spearman" not in title
+
+
+def test_agreement_tau_undefined_when_the_values_do_not_vary():
+    trials = [{"trial_id": f"t{i}", "search_rank": i, "validation": {"aupro": 0.9}, "test": {"aupro": 0.8 + 0.01 * i}}
+              for i in range(1, 4)]
+    final = {"objective": {"metric": "aupro", "mode": "max"}, "parts": ["validation", "test"], "trials": trials,
+             "chosen": "t1", "best_by_search": "t1"}
+    fig = agreement_figure(final, protocol="holdout")
+    assert "the values do not vary" in fig.layout.title.text
+    assert not _trace(fig, "finalised trials").error_x.visible  # no intervals, no error bars
+
+
+def test_run_without_real_defects_shows_the_notes_and_no_scatter(tmp_path):
+    path = make_run(tmp_path, protocol="synthetic", running=0)
+    note = ("no test figures: not every category has both good and defective real test images to report on "
+            "(the choice rests on the validation set alone)")
+    final = finalize_fake(path, parts=["validation"], notes=["brick: no defective test image", note])
+    assert all("test" not in t for t in final["trials"])
+    data = load_run(path)
+    figs = build_figures(data)
+    scatter = figs["agreement"]
+    assert not scatter.data and "No test figures" in scatter.layout.annotations[0].text
+    assert "brick: no defective test image" in scatter.layout.annotations[0].text
+    assert _trace(figs["final"], f"{data.part} (ranked on)").y is not None  # the validation figures still show
+    summary = summary_html(data)
+    assert "<b>Notes</b>" in summary and "<li>brick: no defective test image</li>" in summary
+    assert "the choice rests on the validation set alone" in summary
+    assert f"<td>{data.part} (ranked on)</td>" in summary and "never used to choose)</td>" not in summary
+    page = write_dashboard(path, examples=0).read_text()
+    assert page.count("<section id='agreement'>") == 1
+
+
+def test_agreement_notes_for_test_protocol_and_unfinalised_runs(tmp_path):
+    path = make_run(tmp_path, protocol="test", running=0)
+    finalize_fake(path)
+    fig = build_figures(load_run(path))["agreement"]
+    assert not fig.data and "Selected on the test set" in fig.layout.annotations[0].text
+    assert "Not finalised yet" in agreement_figure(None, protocol="few_shot").layout.annotations[0].text

@@ -17,7 +17,7 @@ import anoseg.model
 from anoseg.cli import main
 from anoseg.data import list_test, load_test
 from anoseg.errors import DataError
-from anoseg.holdout import Holdout
+from anoseg.holdout import Holdout, Protocol
 from anoseg.metrics import evaluate
 from anoseg.model import FittedModel, fit_model, load_model, part_metrics, part_thresholds
 from anoseg.model_folder import MODEL_FILE, WEIGHTS_FILE, ModelError
@@ -101,7 +101,7 @@ def test_model_folder_format(fitted, synthetic_root, head):
     # seg_f1 aside: there it is read at mean + 3 std of the validation part's good pixels)
     from anoseg.assess import assess_config
 
-    final = assess_config({**BASE, "head": HEADS[head]}, synthetic_root, ["brick"], Holdout(), [], 0, 0)
+    final = assess_config({**BASE, "head": HEADS[head]}, synthetic_root, ["brick"], Protocol(), [], 0, 0)
     test_part = final["brick"].parts["test"].metrics
     for key in ("image_auroc", "pixel_auroc", "aupro", "pixel_f1_max", "image_f1_max", "aupro_0.05", "miss_rate_0.05"):
         assert info["metrics"][key] == pytest.approx(test_part[key], abs=2e-3), key

@@ -5,10 +5,13 @@
 trials, the Pareto front, wall time, the Optuna study and its parameter importances).
 The space is the run folder's stored copy (:meth:`search.run_dir.RunDir.space`).
 
-Selection protocol: under ``holdout`` every trial's figures in the table were measured on the validation
-part of the test images and only the finalised trials (run.json ``final``, :mod:`search.finalize`) have
-test-part figures; under ``test`` (and in runs from before ``selection`` existed) the trials were ranked on
-the test set itself. :attr:`RunData.part` names what the table's figures were measured on.
+Selection protocol (:data:`search.finalize.SELECTED_ON`): under ``holdout``, ``synthetic`` and ``few_shot``
+every trial's figures in the table were measured on a validation set (the validation part of the test
+images; generated defects on held-out good images; those plus a few real defects per type) and only the
+finalised trials (run.json ``final``, :mod:`search.finalize`) have figures on the real test part; under
+``test`` (and in runs from before ``selection`` existed) the trials were ranked on the test set itself.
+:attr:`RunData.part` names what the table's figures were measured on, in the words of
+:func:`search.finalize.selected_on`.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import optuna
 import pandas as pd
 
 from anoseg.metrics import CATEGORY_METRICS, COST_METRICS, MEMORY_METRICS, QUALITY_METRICS
+from search.finalize import reported_on, selected_on
 from search.run_dir import COMPLETED, ERROR, FAILED, LOST, RUNNING, STOPPED, RunDir, collate
 from search.space_optuna import distributions, trial_config
 from search.space_schema import SearchSpace
@@ -70,12 +74,14 @@ class RunData:
 
     @property
     def protocol(self) -> str:
-        """How the trials were ranked: "holdout" (validation part) or "test" (also a run from before selection)."""
+        """How the trials were ranked: "holdout", "synthetic", "few_shot" (on a validation set) or "test" (on the
+        test set; also a run from before selection)."""
         return (self.final or {}).get("protocol") or (self.meta.get("selection") or {}).get("protocol") or "test"
 
     @property
     def part(self) -> str:
-        """What the trial table's figures were measured on: "validation part" or "test set"."""
+        """What the trial table's figures were measured on, e.g. "validation part", "synthetic validation set",
+        "test set"."""
         return measured_on(self.protocol)
 
     def record(self, trial_id: str) -> dict[str, Any]:
@@ -191,9 +197,25 @@ def example_category(best: Mapping[str, Any], categories: Sequence[str], metric:
 # ----------------------------------------------------------------------------------------------- selection
 
 
+def has_validation(protocol: str) -> bool:
+    """Whether the trials were ranked on a validation set apart from the real test part (every protocol but test)."""
+    return protocol != "test"
+
+
+def short_words(words: str) -> str:
+    """A few words of :func:`selected_on` / :func:`reported_on`, without "the " and the parenthesis."""
+    return words.removeprefix("the ").split(" (")[0]
+
+
 def measured_on(protocol: str) -> str:
-    """What a run's trials were ranked (and their table figures measured) on, in a few words."""
-    return "validation part" if protocol == "holdout" else "test set"
+    """What a run's trials were ranked (and their table figures measured) on, in a few words, e.g.
+    "validation part", "synthetic validation set", "test set"."""
+    return short_words(selected_on(protocol))
+
+
+def reported_part(protocol: str) -> str:
+    """What a run's final figures are measured on, in a few words, e.g. "test part", "real test images"."""
+    return short_words(reported_on(protocol))
 
 
 def tied_with_best(final: Mapping[str, Any]) -> list[str]:
@@ -219,6 +241,21 @@ def final_table(final: Mapping[str, Any], metric: str) -> pd.DataFrame:
     numeric = [c for c in df.columns if c not in ("trial_id", "chosen", "tied")]
     df[numeric] = df[numeric].apply(pd.to_numeric, errors="coerce")
     return df
+
+
+MIN_AGREEMENT_TRIALS = 3
+
+
+def rank_agreement(x: Sequence[float], y: Sequence[float]) -> tuple[float, float] | None:
+    """Kendall's tau and Spearman's rho of paired values (:mod:`scipy.stats`); None with fewer than
+    :data:`MIN_AGREEMENT_TRIALS` pairs (NaN where the values do not vary)."""
+    if len(x) < MIN_AGREEMENT_TRIALS:
+        return None
+    from scipy.stats import kendalltau, spearmanr
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a constant input: NaN, said in the title
+        return float(kendalltau(x, y).statistic), float(spearmanr(x, y).statistic)
 
 
 # ----------------------------------------------------------------------------------------------- quality vs cost

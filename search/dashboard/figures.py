@@ -4,12 +4,14 @@ Each returns a ``go.Figure``; with nothing to show, a figure holding a note (:fu
 :func:`build_figures` makes all of them for a run, by section id (:data:`FIGURE_IDS`).
 
 The trial table's figures are labelled with the part they were measured on (`part`: "validation part"
-under the holdout protocol, "test set" otherwise); only :func:`final_figure` shows test-part figures.
+under the holdout protocol, "synthetic validation set" or "few-shot validation set" under synthetic and
+few_shot, "test set" under test); only :func:`final_figure` and :func:`agreement_figure` show test-part figures.
 """
 from __future__ import annotations
 
 import html
 import math
+import textwrap
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -18,13 +20,15 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from search.dashboard.data import (TOP_N, ImportanceSet, RunData, final_table, missing, params_of, pareto_mask,
-                                   prepare, quality_and_cost, run_importances, space_distributions, top_trials,
+from search.dashboard.data import (MIN_AGREEMENT_TRIALS, TOP_N, ImportanceSet, RunData, final_table, has_validation,
+                                   measured_on, missing, params_of, pareto_mask, prepare, quality_and_cost,
+                                   rank_agreement, reported_part, run_importances, space_distributions, top_trials,
                                    with_value)
+from search.finalize import reported_on
 from search.run_dir import COMPLETED, ERROR, FAILED, LOST, RUNNING, STOPPED
 from search.space_optuna import describe, short_value
 
-FIGURE_IDS = ("final", "history", "parallel", "importance", "pareto", "heatmap", "comparison")
+FIGURE_IDS = ("final", "agreement", "history", "parallel", "importance", "pareto", "heatmap", "comparison")
 STATUS_COLORS = {COMPLETED: "#2c6fbb", STOPPED: "#9e9e9e", RUNNING: "#f0a020", FAILED: "#d62728",
                  ERROR: "#8c1c13", LOST: "#7b5e57"}
 BEST_COLOR, FRONT_COLOR, GREY = "#e8590c", "#d62728", "#b0b0b0"
@@ -41,6 +45,7 @@ def build_figures(data: RunData) -> dict[str, go.Figure]:
     sets, notes = run_importances(data)
     return {
         "final": final_figure(data.final, metric, mode, data.protocol, str(data.path)),
+        "agreement": agreement_figure(data.final, metric, mode, data.protocol),
         "history": history_figure(data.df, metric, mode, part),
         "parallel": parallel_figure(data.df, metric, mode, space_distributions(data), part),
         "importance": importance_figure(sets, metric, notes, part=part),
@@ -73,9 +78,9 @@ def duplicate_note(row: Any) -> str:
 
 def not_finalised_text(protocol: str, run_path: str = "RUN") -> str:
     """The note of a run not finalised yet, naming the command that finalises it."""
-    if protocol == "holdout":
-        what = ("Not finalised yet: the trials were ranked on the validation part<br>"
-                "and none has been evaluated on the test part.")
+    if has_validation(protocol):
+        what = (f"Not finalised yet: the trials were ranked on the {measured_on(protocol)}<br>"
+                f"and none has been evaluated on the {reported_part(protocol)}.")
     else:
         what = "Not finalised yet (no intervals, no ties); the trials were selected on the test set."
     command = f"anoseg search finalize {html.escape(run_path)}"
@@ -84,18 +89,20 @@ def not_finalised_text(protocol: str, run_path: str = "RUN") -> str:
 
 def part_name(part: str, protocol: str) -> str:
     """A finalised part's legend entry."""
-    if protocol != "holdout":
+    if not has_validation(protocol):
         return "test set (ranked and reported on it)"
-    return "validation part (ranked on)" if part == "validation" else "test part (never used to choose)"
+    if part == "validation":
+        return f"{measured_on(protocol)} (ranked on)"
+    return reported_on(protocol).removeprefix("the ")
 
 
 def final_title(final: Mapping[str, Any], metric: str, protocol: str) -> str:
     """The validation-vs-test figure's title: what was ranked on, what is reported on, the intervals."""
     intervals = (f"{float(final.get('level', 0.95)):.0%} bootstrap intervals" if final.get("bootstrap")
                  else "no bootstrap intervals (selection.bootstrap: 0)")
-    if protocol == "holdout":
-        return (f"{metric} of the finalised trials<br><sup>validation part (ranked on) vs test part "
-                f"(never used to choose), {intervals}</sup>")
+    if has_validation(protocol):
+        parts = " vs ".join(part_name(p, protocol) for p in final.get("parts") or ["validation"])
+        return f"{metric} of the finalised trials<br><sup>{parts}, {intervals}</sup>"
     return f"{metric} of the finalised trials<br><sup>selected on the test set: figures optimistic; {intervals}</sup>"
 
 
@@ -148,6 +155,79 @@ def final_figure(final: Mapping[str, Any] | None, metric: str = "aupro", mode: s
     fig.update_xaxes(title="finalised trial (rank in the search)", tickvals=positions, ticktext=labels, tickangle=-30,
                      range=[-0.6, len(table) - 0.4])
     fig.update_yaxes(title=f"{metric}, {'higher' if mode == 'max' else 'lower'} is better")
+    return fig
+
+
+def agreement_title(metric: str, n: int, agreement: tuple[float, float] | None) -> str:
+    """The scatter's title: Kendall's tau and Spearman's rho, or why they are undefined."""
+    if agreement is None:
+        what = (f"Kendall's tau undefined: {n} finalised trial{'s' if n != 1 else ''} with both figures, "
+                f"needs at least {MIN_AGREEMENT_TRIALS}")
+    elif not all(math.isfinite(v) for v in agreement):
+        what = f"Kendall's tau undefined: the values do not vary ({n} finalised trials)"
+    else:
+        what = f"Kendall's tau {agreement[0]:.2f}, Spearman {agreement[1]:.2f} over {n} finalised trials"
+    return f"{metric} of the finalised trials, validation vs test<br><sup>{what}</sup>"
+
+
+def _errors(table: pd.DataFrame, part: str) -> dict[str, Any]:
+    """Error bars of one part's values from their intervals (hidden without intervals)."""
+    value, low, high = (table[c].to_numpy(dtype=float) for c in (part, f"{part}_low", f"{part}_high"))
+    return {"type": "data", "symmetric": False, "array": high - value, "arrayminus": value - low,
+            "visible": bool(np.isfinite(low).any()), "thickness": 1.2, "width": 4, "color": "#8aa9cc"}
+
+
+def agreement_figure(final: Mapping[str, Any] | None, metric: str = "aupro", mode: str = "max",
+                     protocol: str = "holdout") -> go.Figure:
+    """Each finalised trial's objective on the validation set (x) against the real test part (y), with their
+    intervals as error bars, Kendall's tau and Spearman's rho in the title, the chosen trial starred and the
+    trials tied with the best ringed: how far the ranking on the validation set carries to the test part."""
+    title = f"{metric} of the finalised trials, validation vs test"
+    if not has_validation(protocol):
+        return note_figure("Selected on the test set: there is no validation set to compare the test figures with.",
+                           title)
+    if not final:
+        return note_figure(f"Not finalised yet: no trial has figures on the {reported_part(protocol)}.", title)
+    metric, mode = final.get("objective", {}).get("metric", metric), final.get("objective", {}).get("mode", mode)
+    if not {"validation", "test"} <= set(final.get("parts") or []):
+        notes = [html.escape(line) for note in final.get("notes") or [] for line in textwrap.wrap(note, 110)]
+        return note_figure("<br>".join(["No test figures: nothing to compare the validation figures with.", *notes]),
+                           title, height=220 + 18 * len(notes))
+    table = final_table(final, metric)
+    table = table[table["validation"].notna() & table["test"].notna()].reset_index(drop=True)
+    if table.empty:
+        return note_figure("run.json's final section holds no trial with both figures.", title)
+    x, y = table["validation"].to_numpy(dtype=float), table["test"].to_numpy(dtype=float)
+    fig = go.Figure()
+    low, high = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
+    fig.add_trace(go.Scatter(x=[low, high], y=[low, high], mode="lines", name="y = x", hoverinfo="skip",
+                             line={"color": GREY, "dash": "dot", "width": 1}))
+    fig.add_trace(go.Scatter(
+        x=x, y=y, mode="markers+text", name="finalised trials", text=table["trial_id"], textposition="top right",
+        textfont={"size": 10, "color": "#444"}, marker={"color": PART_COLORS["validation"], "size": 10},
+        error_x=_errors(table, "validation"), error_y=_errors(table, "test"),
+        customdata=np.stack([table["trial_id"], table["search_rank"].map(lambda r: "?" if missing(r) else int(r))],
+                            axis=1),
+        hovertemplate=f"trial %{{customdata[0]}} (rank %{{customdata[1]}} in the search)<br>{metric}: validation "
+                      "%{x:.4f}, test %{y:.4f}<extra></extra>"))
+    tied = table["tied"].to_numpy(dtype=bool)
+    if tied.any():
+        fig.add_trace(go.Scatter(x=x[tied], y=y[tied], mode="markers", name=TIED_NAME, hoverinfo="skip",
+                                 marker={"symbol": "circle-open", "size": 20, "color": "#444", "line": {"width": 2}}))
+    chosen = table["chosen"].to_numpy(dtype=bool)
+    if chosen.any():
+        fig.add_trace(go.Scatter(x=x[chosen], y=y[chosen], mode="markers", hoverinfo="skip",
+                                 name=f"chosen: {table['trial_id'][chosen].iloc[0]}",
+                                 marker={"symbol": "star", "size": 18, "color": BEST_COLOR,
+                                         "line": {"color": "white", "width": 1}}))
+    better = "higher" if mode == "max" else "lower"
+    fig.update_layout(template=TEMPLATE, title={"text": agreement_title(metric, len(table), rank_agreement(x, y)),
+                                                "font": {"size": 15}},
+                      height=460, hovermode="closest",
+                      legend={"orientation": "h", "yanchor": "bottom", "y": 1.0, "x": 0},
+                      margin={"l": 60, "r": 20, "t": 110, "b": 60})
+    fig.update_xaxes(title=f"{metric} on the {part_name('validation', protocol)}, {better} is better")
+    fig.update_yaxes(title=f"{metric} on the {part_name('test', protocol)}")
     return fig
 
 

@@ -1,7 +1,7 @@
 """The dashboard page: one self-contained HTML file, plotly.js embedded once in the head.
 
 Sections (:data:`SECTION_IDS`): the run summary (with the selection protocol and, once the run is
-finalised, the chosen trial on the validation and the test part), the figures of
+finalised, the chosen trial on the validation set and the test part, and finalising's notes), the figures of
 :mod:`search.dashboard.figures`, the failed trials and the anomaly maps of the best trial (:mod:`search.examples`, the only part
 that needs the model stack, imported when examples are drawn).
 """
@@ -23,9 +23,11 @@ from plotly.offline import get_plotlyjs
 import anoseg
 from anoseg.files import write_text_atomic
 from anoseg.metrics import CATEGORY_METRICS
-from search.dashboard.data import (FAILED_STATUSES, RunData, error_line, example_category, load_run,
-                                   missing, params_of, prepare, status_counts, tied_with_best, wall_seconds)
-from search.dashboard.figures import FIGURE_IDS, STATUS_COLORS, build_figures
+from search.dashboard.data import (FAILED_STATUSES, RunData, error_line, example_category, has_validation, load_run,
+                                   missing, params_of, prepare, reported_part, status_counts, tied_with_best,
+                                   wall_seconds)
+from search.dashboard.figures import FIGURE_IDS, STATUS_COLORS, build_figures, part_name
+from search.finalize import reported_on, selected_on
 from search.run_dir import RUNNING, STOPPED, best_trial
 from search.space_optuna import describe
 from search.storage import StorageError, mask, run_storage
@@ -80,11 +82,20 @@ def duplicates_text(df: pd.DataFrame) -> str:
 
 def selection_html(data: RunData) -> str:
     """How the trials were chosen and what the final figures are measured on, in one line."""
-    selection = data.meta.get("selection") or {}
-    if data.protocol == "holdout":
-        detail = (f" <span class='muted'>(validation share {_e(selection['validation_share'])}, seed "
-                  f"{_e(selection.get('seed', '?'))})</span>" if selection.get("validation_share") else "")
-        return "holdout: ranked on the validation part; final figures on the test part" + detail
+    selection, protocol = data.meta.get("selection") or {}, data.protocol
+    if has_validation(protocol):
+        if protocol == "holdout":
+            shown = {"validation share": selection.get("validation_share")}
+        else:
+            shown = {"good images per category": selection.get("n_images"), "from": selection.get("good_source"),
+                     "defect kinds": ", ".join(selection["kinds"]) if selection.get("kinds") else None}
+            if protocol == "few_shot":
+                shown["real defects per type"] = selection.get("defects_per_type")
+        shown = {k: v for k, v in shown.items() if v is not None}
+        detail = (" <span class='muted'>(" + ", ".join(f"{k} {_e(v)}" for k, v in shown.items())
+                  + f", seed {_e(selection.get('seed', '?'))})</span>") if shown else ""
+        return (f"{_e(protocol)}: ranked on {_e(selected_on(protocol))}; final figures on "
+                f"{_e(reported_on(protocol))}" + detail)
     why = "the trials were ranked on the images their figures are measured on"
     if not selection and not data.final:
         why += "; a run from before the selection protocol"
@@ -96,21 +107,22 @@ def _interval(values: Any) -> str:
 
 
 def final_html(data: RunData, now: float | None = None) -> str:
-    """The chosen trial's objective on each part with its interval, the trials tied with the best and the
-    bootstrap cost; for a holdout run not finalised yet, a note naming ``anoseg search finalize``."""
+    """The chosen trial's objective on each part with its interval, the trials tied with the best, the bootstrap
+    cost and finalising's notes; for a run with a validation set not finalised yet, a note naming
+    ``anoseg search finalize``."""
     final = data.final
     if not final:
-        if data.protocol != "holdout":
+        if not has_validation(data.protocol):
             return ""
-        return ("<p class='note'>Not finalised yet: every figure on this page was measured on the validation part "
-                "and no trial has been evaluated on the test part. A search finalises itself when it finishes; "
-                f"otherwise run <code>anoseg search finalize {_e(data.path)}</code>.</p>")
+        return (f"<p class='note'>Not finalised yet: every figure on this page was measured on the {_e(data.part)} "
+                f"and no trial has been evaluated on the {_e(reported_part(data.protocol))}. A search finalises "
+                f"itself when it finishes; otherwise run <code>anoseg search finalize {_e(data.path)}</code>.</p>")
     metric = final.get("objective", {}).get("metric", data.metric)
     chosen = next((t for t in final.get("trials", []) if t["trial_id"] == final.get("chosen")), None)
     if chosen is None:
         return "<p class='note'>run.json's final section names no chosen trial.</p>"
-    names = {"validation": "validation part (ranked on)", "test": "test part (never used to choose)"}
-    if data.protocol != "holdout":
+    names = {part: part_name(part, data.protocol) for part in ("validation", "test")}
+    if not has_validation(data.protocol):
         names = {"test": "test set (selected on the test set: figures optimistic)"}
     rows = "".join(f"<tr><td>{_e(names.get(part, part))}</td><td>{_fmt((chosen.get(part) or {}).get(metric))}</td>"
                    f"<td>{_interval((chosen.get(f'{part}_interval') or {}).get(metric))}</td></tr>"
@@ -120,7 +132,16 @@ def final_html(data: RunData, now: float | None = None) -> str:
     return (f"<h3>Chosen trial <code>{_e(chosen['trial_id'])}</code> ({how}), {_e(metric)}</h3>"
             f"<table class='grid final'><thead><tr><th>measured on</th><th>{_e(metric)}</th>"
             f"<th>{float(final.get('level', 0.95)):.0%} interval</th></tr></thead><tbody>{rows}</tbody></table>"
-            f"<p>{ties_text(final)}. <span class='muted'>{bootstrap_cost(final, wall_seconds(data.meta, now))}</span></p>")
+            f"<p>{ties_text(final)}. <span class='muted'>{bootstrap_cost(final, wall_seconds(data.meta, now))}</span></p>"
+            + notes_html(final))
+
+
+def notes_html(final: Mapping[str, Any]) -> str:
+    """Finalising's notes (e.g. no test figures: the dataset has no real defects), as a list; "" without."""
+    notes = final.get("notes") or []
+    if not notes:
+        return ""
+    return "<div class='note'><b>Notes</b><ul>" + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul></div>"
 
 
 def ties_text(final: Mapping[str, Any]) -> str:
@@ -286,6 +307,7 @@ footer { color:var(--muted); font-size:12px; padding-bottom:24px; }
 SECTION_TITLES = {
     "summary": "Run",
     "final": "Validation vs test",
+    "agreement": "Validation vs test: rank agreement",
     "history": "Optimisation history",
     "parallel": "Parallel coordinates",
     "importance": "Parameter importance",
@@ -309,7 +331,7 @@ def render_html(data: RunData, examples: int = 4, now: float | None = None) -> s
     sections.append(("failures", failures_html(data.df)))
     sections.append(("examples", examples_html(data, examples)))
     titles = dict(SECTION_TITLES, failures=f"Failed trials ({n_failed})")
-    if data.protocol != "holdout":
+    if not has_validation(data.protocol):
         titles["final"] = "Finalised trials (selected on the test set)"
     nav = " ".join(f"<a href='#{sid}'>{_e(titles[sid])}</a>" for sid, _ in sections)
     body = "\n".join(f"<section id='{sid}'><h2>{_e(titles[sid])}</h2>\n<div class='plot'>{content}</div></section>"
