@@ -194,9 +194,13 @@ def collate(records: Iterable[Mapping[str, Any]], meta: Mapping[str, Any]) -> pd
                 row[f"{cat}/{key}"] = rec.get("per_category", {}).get(cat, {}).get(key)
         row.update(final_columns(rec.get("final")))
         rows.append(row)
+    df = pd.DataFrame(rows)
+    for column in [c for c in df.columns if c.startswith("param.")]:
+        kinds = {type(v) for v in df[column] if v is not None and v == v}
+        if len(kinds) > 1 and not kinds <= {int, float}:  # a categorical of mixed types ("ledoit_wolf", 0.1)
+            df[column] = [None if v is None or v != v else str(v) for v in df[column]]
     columns = ["trial_id", "status", "stop_reason", "duplicate_of", "error", "categories_done", "fidelity", "started", "ended", "wall_seconds",
                *REPORT_KEYS]
-    df = pd.DataFrame(rows)
     return df if not df.empty else pd.DataFrame(columns=columns)
 
 

@@ -1,6 +1,7 @@
 """The `anoseg search` commands: bad input stops before anything launches; status reads a run folder."""
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -59,3 +60,13 @@ def test_status_of_a_run_folder(tmp_path, capsys):
 def test_status_of_a_non_run_folder_is_clear(tmp_path, capsys):
     assert main(["search", "status", str(tmp_path)]) == 2
     assert "not a search run folder" in capsys.readouterr().err
+
+
+def test_a_categorical_setting_of_mixed_types_collates_into_parquet(tmp_path):
+    from search.run_dir import collate
+
+    records = [{"trial_id": f"t{i}", "status": "completed", "params": {"gaussian_ad.shrinkage": value},
+                "metrics": {"aupro": 0.5}} for i, value in enumerate(["ledoit_wolf", 0.1, 0.5])]
+    df = collate(records, {"categories": []})
+    df.to_parquet(tmp_path / "t.parquet")  # pyarrow refuses a column of str and float
+    assert pd.read_parquet(tmp_path / "t.parquet")["param.gaussian_ad.shrinkage"].tolist() == ["ledoit_wolf", "0.1", "0.5"]
