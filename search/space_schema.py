@@ -698,13 +698,14 @@ class SearchSpace:
     def max_fidelity(self, n_categories: int) -> int:
         """The most reports any trial can make: the categories (at every training share), or a trainable head's
         largest `epochs`."""
-        from anoseg.heads import HEADS, head_defaults
+        from anoseg.heads import HEADS, create_head, head_defaults
 
         most = n_categories * len(self.train_shares)
         for head, specs in self.heads.items():
-            if getattr(HEADS[head], "trainable", False):
-                spec = specs.get("epochs", {"type": "fixed", "value": head_defaults(head)["epochs"]})
-                most = max(most, *(int(value) for _, value in _extremes(spec)))
+            if getattr(HEADS[head], "trainable", False):  # its epochs at every combination of the range ends
+                ends = [[(param, value) for _, value in _extremes(spec)] for param, spec in specs.items()]
+                for combination in itertools.product(*ends):
+                    most = max(most, int(create_head(head, **{**head_defaults(head), **dict(combination)}).epochs))
         return most
 
     def to_stored(self) -> dict[str, Any]:
