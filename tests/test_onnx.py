@@ -32,6 +32,10 @@ HEADS = {
     "patchcore": {"name": "patchcore", "coreset_ratio": 0.05, "k": 3},
     "padim": {"name": "padim", "n_features": 32},
     "stfpm": {"name": "stfpm", "epochs": 1, "batch_size": 4, "discrepancy_scaling": True, "holdout": 0.25},
+    "stfpm_seg": {"name": "stfpm_seg", "stfpm_epochs": 1, "seg_epochs": 1, "batch_size": 4, "bank_size": 8,
+                  "discrepancy_scaling": True, "holdout": 0.25},
+    "simplenet": {"name": "simplenet", "epochs": 1, "batch_size": 4},
+    "cse": {"name": "cse", "epochs": 1, "batch_size": 4, "k": 8},
 }
 
 

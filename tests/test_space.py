@@ -544,3 +544,21 @@ def test_train_shares_multiply_the_fidelity():
            "dataset": {"root": "d", "categories": ["a", "b"]}}
     space = validate_space(raw, "shares.yaml")
     assert space.train_shares == [0.25, 0.5, 1.0] and space.max_fidelity(2) == 6
+
+
+def test_the_demo_space_documents_every_other_head_with_valid_settings():
+    import re
+
+    from anoseg.heads import HEADS
+
+    text = Path("spaces/quick.yaml").read_text()
+    documented = {}
+    for line in text.splitlines():
+        found = re.match(r"^    # (\w+): (\{.*\})", line)
+        if found:
+            documented[found.group(1)] = yaml.safe_load(found.group(2).split("   #")[0])
+    raw = yaml.safe_load(text)
+    assert set(documented) | set(raw["space"]["heads"]) == set(HEADS), "every head is searched or documented"
+    raw["space"]["heads"].update(documented)
+    space = validate_space(raw, "spaces/quick.yaml with the documented heads")
+    assert set(space.heads) == set(HEADS)
