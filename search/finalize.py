@@ -183,6 +183,9 @@ def finalize_run(run: RunDir, *, top_k: int | None = None, progress: Progress = 
     }
     for tid, entry in trials.items():
         run.update_record(tid, final={**entry, "chosen": tid == chosen, "protocol": protocol})
+    for record in run.records():  # finalised before (another top_k): no longer part of the verdict
+        if record.get("final") and record["trial_id"] not in trials:
+            run.update_record(record["trial_id"], final=None)
     run.update_meta(final=final)
     run.write_table()
     return final

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from search.dashboard import FIGURE_IDS, SECTION_IDS, write_dashboard
-from tests.test_dashboard import RESNET_CONFIG, make_run
+from tests.test_dashboard import RESNET_CONFIG, finalize_fake, make_run
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +83,8 @@ def open_dashboard(context, path: Path):
 
 
 def test_dashboard_renders_in_chromium(browser_context, tmp_path, synthetic_root):
-    run = make_run(tmp_path, data_root=synthetic_root, best_config=RESNET_CONFIG)
+    run = make_run(tmp_path, data_root=synthetic_root, best_config=RESNET_CONFIG, protocol="holdout")
+    finalize_fake(run)  # the validation-vs-test figures with their error bars
     page, log = open_dashboard(browser_context, write_dashboard(run, examples=2))
     try:
         for sid in SECTION_IDS:
@@ -97,7 +98,10 @@ def test_dashboard_renders_in_chromium(browser_context, tmp_path, synthetic_root
         # the data made it into the SVGs: a heatmap cell label, the parallel-coordinates axes, tick labels
         assert page.locator("#heatmap-plot text", has_text="c0000005").count() >= 1
         axes = page.locator("#parallel-plot .axis-title").evaluate_all("els => els.map(e => e.textContent)")
-        assert {"backbone", "layers", "head", "padim.n_features", "aupro"} <= set(axes), axes
+        assert {"backbone", "layers", "head", "padim.n_features", "aupro (validation part)"} <= set(axes), axes
+        # the finalised trials: validation and test series, drawn with their interval bars
+        assert page.locator("#final-plot .errorbar").count() >= 2
+        assert "Kendall" in page.locator("#agreement-plot .gtitle").text_content()
         # failed trials: a table row per failed / crashed / lost trial with its error
         rows = page.locator("section#failures table tbody tr")
         assert rows.count() == 3

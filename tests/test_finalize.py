@@ -95,6 +95,8 @@ def test_finalize_again_from_the_cli_with_another_top_k(holdout_run, capsys):
 
     assert main(["search", "finalize", str(holdout_run.path), "--top-k", "2"]) == 0
     assert len(holdout_run.read_meta()["final"]["trials"]) == 2
+    df = pd.read_parquet(holdout_run.path / "trials.parquet")
+    assert df["test/aupro"].notna().sum() == 2  # the third trial's earlier test figures are withdrawn
     assert "finalised 2 trials" in capsys.readouterr().out
 
 
