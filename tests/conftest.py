@@ -86,3 +86,16 @@ def assert_features_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     """Feature maps equal up to float32 summation order (extractors run NHWC, references NCHW):
     absolute tolerance 1e-5 of the largest magnitude."""
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * max(1.0, float(expected.abs().max())))
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Torch on one thread for the test: small training steps (the trainable heads' tests) spend more on
+    hand-offs between threads than they gain on a busy machine (measured: a quality test 100 s with 2 threads
+    on a shared 2-core machine, 12 s with 1)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

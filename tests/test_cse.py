@@ -19,13 +19,8 @@ QUALITY_CATEGORIES = ["board", "brick", "grass", "gravel", "washer"]
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """The heads' training steps are small: on a busy machine, hand-offs between torch's threads cost more than
-    they save (measured: the quality test 100 s with 2 threads on a shared 2-core machine, 12 s with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def one_thread(one_torch_thread):
+    """Every test here trains small steps on one torch thread (conftest.one_torch_thread)."""
 
 
 def cse_config(**head) -> dict:
