@@ -16,6 +16,7 @@ from anoseg.trial import run_trial
 
 CATEGORIES = ["brick", "washer"]
 QUALITY_CATEGORIES = ["board", "brick", "grass", "gravel", "washer"]
+from tests.trainable_checks import assert_save_load_identical
 
 
 @pytest.fixture(autouse=True)
@@ -146,15 +147,9 @@ def test_the_defect_bank_is_made_once_per_category_and_a_resumed_trial_matches(s
 
 def test_save_load_gives_identical_scores(synthetic_root, tmp_path):
     from anoseg.data import load_test
-    from anoseg.model import fit_model, load_model
 
-    model = fit_model(cse_config(epochs=2), synthetic_root, "brick", out_dir=tmp_path / "model")
+    model, loaded = assert_save_load_identical(cse_config(epochs=2), synthetic_root, tmp_path / "model", 64)
     images = load_test(synthetic_root, "brick", 64).images
-    maps, scores = model.predict(images)
-    loaded = load_model(tmp_path / "model")
-    maps2, scores2 = loaded.predict(images)
-    assert torch.equal(maps, maps2) and torch.equal(scores, scores2)
-    assert loaded.info["head"]["name"] == "cse" and 0 <= loaded.metrics["aupro"] <= 1
     assert loaded.head.centres_.shape == (8, 64)
     # a fresh head scores only once it has the state (the centres come with it)
     fresh = create_head("cse", **loaded.info["head"]["params"]).setup(loaded.backbone, "cpu")

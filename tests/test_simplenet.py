@@ -15,6 +15,7 @@ from anoseg.trial import run_trial
 
 CATEGORIES = ["brick", "washer"]
 QUALITY_CATEGORIES = ["board", "brick", "grass", "gravel", "washer"]
+from tests.trainable_checks import assert_save_load_identical
 
 
 @pytest.fixture(autouse=True)
@@ -112,15 +113,9 @@ def test_reports_every_epoch_and_a_resumed_trial_matches_an_uninterrupted_one(sy
 
 def test_save_load_gives_identical_scores(synthetic_root, tmp_path):
     from anoseg.data import load_test
-    from anoseg.model import fit_model, load_model
 
-    model = fit_model(simplenet_config(epochs=2), synthetic_root, "brick", out_dir=tmp_path / "model")
+    model, loaded = assert_save_load_identical(simplenet_config(epochs=2), synthetic_root, tmp_path / "model", 64)
     images = load_test(synthetic_root, "brick", 64).images
-    maps, scores = model.predict(images)
-    loaded = load_model(tmp_path / "model")
-    maps2, scores2 = loaded.predict(images)
-    assert torch.equal(maps, maps2) and torch.equal(scores, scores2)
-    assert loaded.info["head"]["name"] == "simplenet" and 0 <= loaded.metrics["aupro"] <= 1
     # a fresh head given the state scores the same; the untrained one does not
     fresh = create_head("simplenet", **loaded.info["head"]["params"]).setup(loaded.backbone, "cpu")
     with torch.no_grad():

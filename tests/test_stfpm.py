@@ -13,6 +13,7 @@ from anoseg.metrics import QUALITY_METRICS as METRIC_KEYS
 from anoseg.trial import run_trial
 
 CATEGORIES = ["brick", "washer"]
+from tests.trainable_checks import assert_save_load_identical
 
 
 def stfpm_config(**head) -> dict:
@@ -64,17 +65,8 @@ def test_resume_rejects_a_checkpoint_of_another_trial(synthetic_root):
 
 
 def test_save_load_gives_identical_scores(synthetic_root, tmp_path):
-    from anoseg.data import load_test
-    from anoseg.model import fit_model, load_model
-
     config = stfpm_config(epochs=2, discrepancy_scaling=True, holdout=0.25)
-    model = fit_model(config, synthetic_root, "brick", out_dir=tmp_path / "model")
-    images = load_test(synthetic_root, "brick", 128).images
-    maps, scores = model.predict(images)
-    loaded = load_model(tmp_path / "model")
-    maps2, scores2 = loaded.predict(images)
-    assert torch.equal(maps, maps2) and torch.equal(scores, scores2)
-    assert loaded.info["head"]["name"] == "stfpm" and 0 <= loaded.metrics["aupro"] <= 1
+    assert_save_load_identical(config, synthetic_root, tmp_path / "model", 128)
 
 
 @pytest.mark.parametrize("head, match", [

@@ -13,6 +13,7 @@ from anoseg.metrics import QUALITY_METRICS as METRIC_KEYS
 from anoseg.trial import run_trial
 
 CATEGORIES = ["brick", "washer"]
+from tests.trainable_checks import assert_save_load_identical
 
 
 def seg_config(size: int = 64, **head) -> dict:
@@ -160,19 +161,10 @@ def test_segmentation_epochs_run_no_backbone_or_student_forward(synthetic_root):
 
 
 def test_save_load_gives_identical_scores(synthetic_root, tmp_path):
-    from anoseg.data import load_test
-    from anoseg.model import fit_model, load_model
-
     config = seg_config(discrepancy_scaling=True, holdout=0.25, with_features=False)
-    model = fit_model(config, synthetic_root, "brick", out_dir=tmp_path / "model")
+    model, loaded = assert_save_load_identical(config, synthetic_root, tmp_path / "model", 64)
     assert model.head.in_segmentation
-    images = load_test(synthetic_root, "brick", 64).images
-    maps, scores = model.predict(images)
-    loaded = load_model(tmp_path / "model")
     assert loaded.head.in_segmentation and loaded.head.epoch_ == 3
-    maps2, scores2 = loaded.predict(images)
-    assert torch.equal(maps, maps2) and torch.equal(scores, scores2)
-    assert loaded.info["head"]["name"] == "stfpm_seg" and 0 <= loaded.metrics["aupro"] <= 1
 
 
 # ---------------------------------------------------------------------------- quality
